@@ -101,10 +101,9 @@ def cpu_against_transformers():
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config()).eval()
     hf.config.use_cache = False
-    ours = gpt2.GPT(cfg).eval()
     with tempfile.TemporaryDirectory() as folder:  # the same weights in both, through our loader
         hf.save_pretrained(folder)
-        gpt2.load_weights(ours, f"{folder}/model.safetensors")
+        ours = gpt2.from_pretrained(f"{folder}/model.safetensors")
     idx = torch.randint(0, cfg.vocab_size, (args.cpu_batch, args.ctx))
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max() < 1e-3  # the same function, so a fair race

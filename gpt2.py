@@ -251,19 +251,21 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def from_pretrained(path=None, cache_dir=None, cfg=None):
-    """GPT-2 from a local `model.safetensors`, or OpenAI's (downloaded once, then cached).
-    `cfg` defaults to GPT-2 small; the file must match it exactly."""
+    """GPT-2 from a local `model.safetensors`, or OpenAI's GPT-2 small (downloaded once, then
+    cached). Without `cfg`, the sizes are read off the file (any GPT-2: small to XL); with
+    one, the file must match it exactly."""
     if path is None:
         path = download(GPT2_URL, os.path.join(cache_dir or default_cache_dir(), "gpt2", "model.safetensors"),
                         size=GPT2_SIZE, sha256=GPT2_SHA256)
-    model = GPT(cfg or GPTConfig())
-    load_weights(model, path)
+    tensors = read_weights(path)
+    model = GPT(cfg or config_of(tensors, path))
+    copy_weights(model, tensors, path)
     return model.eval()
 
 
-def load_weights(model, path):
-    """Copy a published-layout (or transformers `save_pretrained`) safetensors file into `model`.
-    Refuses a missing, extra or misshapen tensor with one line naming the first one."""
+def read_weights(path):
+    """The tensors of a published-layout (or transformers `save_pretrained`) safetensors file,
+    under our names: no `transformer.` prefix, no causal-mask buffers, no separate lm_head."""
     from safetensors import SafetensorError, safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -280,6 +282,22 @@ def load_weights(model, path):
     if "lm_head.weight" in tensors:  # some writers store the tied matrix twice
         if not torch.equal(tensors.pop("lm_head.weight"), tensors.get("wte.weight")):
             raise ValueError(f"{path}: lm_head.weight differs from wte.weight; expected them tied")
+    return tensors
+
+
+def config_of(tensors, path):
+    """The sizes a checkpoint implies. Every GPT-2 has heads of 64 dimensions."""
+    for name in ("wte.weight", "wpe.weight"):
+        if name not in tensors:
+            raise ValueError(f"{path}: missing tensor {name}")
+    (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
+    n_layer = 1 + max((int(k.split(".")[1]) for k in tensors if k.startswith("h.")), default=-1)
+    return GPTConfig(block_size, vocab_size, n_layer, max(1, n_embd // 64), n_embd)
+
+
+def copy_weights(model, tensors, path):
+    """Copy tensors into model, transposing the Conv1D weights. Refuses a missing, extra or
+    misshapen tensor with one line naming the first one."""
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     for name, param in expected.items():
         if name not in tensors:

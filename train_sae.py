@@ -1,39 +1,616 @@
 """
-Train sparse autoencoders on GPT-2 small's residual stream.
+Train sparse autoencoders (SAEs) on GPT-2 small's residual stream, one per layer.
 
-    python train_sae.py --layer 9
+    python train_sae.py --layer 9            # blocks.9.hook_resid_pre, Bloom's Feb 2024 recipe
+    python train_sae.py --layer 3,7,9        # three SAEs fed by one GPT-2 forward
+    python train_sae.py --layer all          # all twelve
+    python train_sae.py --resume runs/L9     # continue a stopped run
 
-The trainer itself is not written yet (issue 3). Until it lands, this checks its inputs —
-the layers, the token source, the weights — and prints what it would do.
+The recipe is Bloom's (Feb 2024): a ReLU SAE with unit-norm decoder rows, the seed's normalised
+MSE plus an L1 penalty, Adam at 4e-4 with a linear warm-up, b_dec started at the geometric
+median, a shuffled mixing buffer of activations, and ghost gradients for dead features, done
+as Anthropic specified them (exp of the pre-activation; the release used exp(relu(.)), which
+gives dead features no gradient at all).
+
+Each SAE is written in SAELens's on-disk format to RUN/blocks.L.hook_resid_pre/. The run
+folder also holds the JSONL log and, while the run is unfinished, a checkpoint.
 """
 
 import argparse
+import json
+import math
+import os
+import shutil
+import signal
 import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import gpt2
 
-p = argparse.ArgumentParser(description="Train SAEs on GPT-2 small's residual stream (plan only, for now).")
-p.add_argument("--layer", default="9", help="'9', '3,7,9' or 'all': blocks.L.hook_resid_pre, one SAE each")
+# -----------------------------------------------------------------------------
+# Every setting, with its default: Bloom's recipe, except where a comment says otherwise.
+
+p = argparse.ArgumentParser(description="Train SAEs on GPT-2 small's residual stream.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--layer", default="9", help="'9', '3,7,9' or 'all': one SAE per blocks.L.hook_resid_pre")
+p.add_argument("--d_sae", type=int, default=24576, help="features per SAE")
+p.add_argument("--tokens", type=int, default=300_000_000, help="training tokens (activations) per SAE")
+p.add_argument("--batch", type=int, default=4096, help="activations per optimizer step")
+p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate")
+p.add_argument("--lr_warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
+p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
+p.add_argument("--l1", type=float, default=8e-5, help="L1 coefficient")
+p.add_argument("--l1_warmup", type=int, default=0, help="steps of linear L1 warm-up (0: none, the seed's)")
+p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
+               help="seed: MSE/||x|| averaged over d, plain L1, unit-norm decoder rows; "
+                    "saelens: SAELens v6, MSE summed over d, L1 weighted by decoder row norms, free decoder")
+p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=True, help="ghost gradients for dead features")
+p.add_argument("--dead_window", type=int, default=5000, help="a feature is dead after this many steps without firing")
+p.add_argument("--density_window", type=int, default=1000, help="steps over which feature density is counted")
+p.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, the seed's)")
+p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+               help="subtract each token's mean over d_model (TransformerLens's center_writing_weights)")
+p.add_argument("--exclude_bos", action="store_true", help="leave out the BOS position of each context")
+p.add_argument("--buffer", type=int, default=128 * 32 * 128, help="activations in the shuffled mixing buffer")
+p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
+p.add_argument("--gpt2_batch", type=int, default=256, help="contexts per GPT-2 forward (speed only)")
 p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
 p.add_argument("--weights", default=None, help="local GPT-2 model.safetensors (default: download OpenAI's)")
-p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
+p.add_argument("--activations", default=None, help="train on cached activations [N, d] (.npy or .safetensors) instead of GPT-2")
+p.add_argument("--save_activations", default=None, help="write --tokens residuals of --layer to this .npy, then stop")
+p.add_argument("--out", default=None, help="run folder (default: runs/L<layer>)")
+p.add_argument("--resume", default=None, help="continue the run in this folder, with its saved settings")
+p.add_argument("--force", action="store_true", help="overwrite an existing run or file")
+p.add_argument("--seed", type=int, default=0, help="seeds the SAE init, the data order and the buffer shuffle")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+p.add_argument("--precision", choices=["auto", "bf16", "tf32", "fp32"], default="auto",
+               help="matmul precision; weights and Adam state stay fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+p.add_argument("--compile", action="store_true", help="torch.compile the GPT-2 forward")
+p.add_argument("--log_every", type=int, default=100, help="steps between progress lines")
+p.add_argument("--checkpoint_every", type=int, default=50_000_000, help="tokens between checkpoints")
 p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {gpt2.default_cache_dir()})")
 
+# -----------------------------------------------------------------------------
+# The SAE: x' = x - b_dec, f = act(x' W_enc + b_enc), x_hat = f W_dec + b_dec.
 
-def main(args):
-    layers = gpt2.parse_layers(args.layer)
+def activation(pre):
+    """The one place that says what the features are; TopK variants replace this."""
+    return F.relu(pre)
+
+
+class Encode(torch.autograd.Function):
+    """pre = (x - b_dec) @ W_enc + b_enc  [B, m].
+    Plain autograd would send the gradient back into x - b_dec with a sixth B x m x d GEMM,
+    only to sum it over the batch for b_dec. The sum commutes with the product, so a
+    matrix-vector product does: grad b_dec = -W_enc @ sum_b grad pre_b. That leaves five GEMMs
+    per step: two forward, three backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, W_enc, b_enc, b_dec):
+        x_in = x - b_dec                      # [B, d]
+        ctx.save_for_backward(x_in, W_enc)
+        return torch.addmm(b_enc, x_in, W_enc)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, d_pre):                 # [B, m]
+        x_in, W_enc = ctx.saved_tensors
+        d_sum = d_pre.sum(0)                  # [m]
+        return None, x_in.T @ d_pre, d_sum, -(W_enc @ d_sum)
+
+
+class SAE(nn.Module):
+    def __init__(self, d, m, seed=0):
+        super().__init__()
+        # Decoder rows: random unit directions. Encoder: the decoder's transpose, as a starting
+        # point only (the two are trained independently); this starts every feature with a
+        # sensible direction and fewer features die early. b_dec is set from the data.
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(m, d, generator=g)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.T.clone())   # [d, m]
+        self.b_enc = nn.Parameter(torch.zeros(m))    # [m]
+        self.W_dec = nn.Parameter(W_dec)             # [m, d]
+        self.b_dec = nn.Parameter(torch.zeros(d))    # [d]
+
+    def forward(self, x):                            # x [B, d]
+        pre = Encode.apply(x, self.W_enc, self.b_enc, self.b_dec)  # [B, m]
+        f = activation(pre)                                         # [B, m]
+        x_hat = torch.addmm(self.b_dec, f, self.W_dec)              # [B, d]
+        return pre, f, x_hat
+
+
+def mse(pred, target, x, convention):
+    """The reconstruction loss of pred against target [B, d], for the input batch x. seed: mean
+    over batch and d of (pred - target)^2 / ||x_b|| (the norm, not squared, of each token's
+    input); saelens: sum over d, mean over batch."""
+    err = (pred - target).pow(2)                                      # [B, d]
+    if convention == "seed":
+        norm = x.norm(dim=1, keepdim=True)                            # [B, 1]
+        # An all-zero input row (padding, say; never a residual) has no norm to divide by:
+        # it gets weight 0, where 1 / tiny would let it swamp the batch.
+        return (err * torch.where(norm > 0, 1 / norm, 0)).mean()
+    return err.sum(1).mean()
+
+
+def sae_loss(sae, x, l1_coef, dead=None, convention="seed"):
+    """loss, its parts (detached) and the features, for a batch x [B, d] (fp32).
+    dead: indices of dead features, which get ghost gradients (Anthropic, Jan 2024)."""
+    pre, f, x_hat = sae(x)
+    x_hat = x_hat.float()
+    mse_loss = mse(x_hat, x, x, convention)
+    if convention == "seed":
+        l1_loss = l1_coef * f.float().sum(1).mean()  # f >= 0, so sum |f| = sum f
+    else:
+        l1_loss = l1_coef * (f.float() @ sae.W_dec.norm(dim=1)).mean()
+    ghost_loss = torch.zeros((), device=x.device)
+    if dead is not None and len(dead):
+        # What the dead features would add, were they exp(pre) instead of relu(pre), aimed at
+        # the residual the live features leave. Only its direction matters: the norm is set
+        # to half the residual's, and the whole term is rescaled to the size of the MSE.
+        r = (x - x_hat).detach()                                        # [B, d]
+        g = torch.exp(pre[:, dead].float()) @ sae.W_dec[dead]           # [B, d]
+        g = g * (r.norm(dim=1, keepdim=True) / (2 * g.norm(dim=1, keepdim=True))).detach()
+        ghost_mse = mse(g, r, x, convention)
+        ghost_loss = ghost_mse * (mse_loss / ghost_mse).detach()  # a scalar rescale: its value is the MSE's
+    loss = mse_loss + l1_loss + ghost_loss
+    parts = {"mse": mse_loss.detach(), "l1": l1_loss.detach(), "ghost": ghost_loss.detach()}
+    return loss, parts, f, x_hat
+
+
+@torch.no_grad()
+def remove_parallel_grad(sae):
+    """Project out of each decoder row's gradient its component along the row: with unit rows,
+    the parallel part only changes the norm, which the renormalisation would undo anyway."""
+    W, G = sae.W_dec, sae.W_dec.grad                                  # [m, d]
+    G -= (G * W).sum(1, keepdim=True) * W
+
+
+@torch.no_grad()
+def normalize_decoder(sae):
+    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def geometric_median(x, iters=100, tol=1e-5):
+    """argmin_y sum_b ||x_b - y|| for x [N, d], by Weiszfeld's iteration from the mean: y is
+    replaced by the average of the points weighted by 1 / distance. Stops when a step moves
+    y by less than tol times the mean distance."""
+    y = x.mean(0)
+    for _ in range(iters):
+        dist = (x - y).norm(dim=1)                                    # [N]
+        w = 1 / dist.clamp_min(1e-6)       # a point sitting on y would divide by zero
+        y_next = (w @ x) / w.sum()
+        step = (y_next - y).norm()
+        y = y_next
+        if step <= tol * dist.mean():
+            break
+    return y
+
+# -----------------------------------------------------------------------------
+# Activations: residuals from GPT-2 forwards (or a cached file), as [n, layers, d] rows.
+
+class ResidualSource:
+    """The next n residual vectors at each of `layers`, from GPT-2 forwards over a token stream.
+    One forward, stopped at the deepest layer, serves every layer."""
+
+    def __init__(self, model, stream, layers, batch, center, exclude_bos, autocast, device):
+        self.model, self.stream, self.layers, self.batch = model, stream, layers, batch
+        self.center, self.exclude_bos, self.autocast, self.device = center, exclude_bos, autocast, device
+        self.forward, self.d = model.residuals, model.cfg.n_embd
+
+    @torch.no_grad()
+    def next(self, n):
+        chunks, have = [], 0
+        while have < n:
+            idx = self.stream.next(self.batch).to(self.device)              # [batch, ctx]
+            with self.autocast():
+                resid = self.forward(idx, self.layers)                       # {L: [batch, ctx, d]}
+            x = torch.stack([resid[L] for L in self.layers], dim=2).float()  # [batch, ctx, layers, d]
+            if self.exclude_bos:
+                x = x[:, 1:]
+            chunks.append(x.reshape(-1, *x.shape[2:]))                      # [batch * ctx, layers, d]
+            have += len(chunks[-1])
+        x = torch.cat(chunks)[:n]                                             # [n, layers, d]
+        return x - x.mean(-1, keepdim=True) if self.center else x
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+
+
+class FileSource:
+    """Rows of a cached activation file [N, d] (.npy or .safetensors), memory-mapped, read in
+    order and from the start again at the end, as [n, 1, d]."""
+
+    def __init__(self, path, center, device):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"activations file not found: {path}")
+        if path.endswith(".npy"):
+            self.rows = np.load(path, mmap_mode="r")
+            shape, self.read = self.rows.shape, lambda a, b: torch.from_numpy(np.array(self.rows[a:b]))
+        elif path.endswith(".safetensors"):
+            f = safe_open(path, framework="pt")
+            if len(f.keys()) != 1:
+                raise ValueError(f"{path}: {len(f.keys())} tensors, expected one [N, d] tensor")
+            self.rows = f.get_slice(next(iter(f.keys())))
+            shape, self.read = self.rows.get_shape(), lambda a, b: self.rows[a:b]
+        else:
+            raise ValueError(f"{path}: expected a .npy or .safetensors file of activations")
+        if len(shape) != 2 or shape[0] == 0:
+            raise ValueError(f"{path}: shape {list(shape)}, expected [N, d] with N > 0")
+        self.n, self.d = shape
+        self.center, self.device, self.pos = center, device, 0
+
+    def next(self, n):
+        parts = []
+        while n:
+            take = min(n, self.n - self.pos)
+            parts.append(self.read(self.pos, self.pos + take))
+            self.pos, n = (self.pos + take) % self.n, n - take
+        x = torch.cat(parts).to(self.device, torch.float32)[:, None]       # [n, 1, d]
+        return x - x.mean(-1, keepdim=True) if self.center else x
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+# -----------------------------------------------------------------------------
+# Writing: SAELens folders, and checkpoints. Every write goes to a temporary name first.
+
+def hook_name(layer):
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def replace_folder(tmp, folder):
+    """Put the finished folder `tmp` at `folder`, replacing any old one, never leaving neither."""
+    if os.path.exists(folder):
+        os.replace(folder, folder + ".old")
+    os.replace(tmp, folder)
+    shutil.rmtree(folder + ".old", ignore_errors=True)
+
+
+def save_sae(folder, sae, density, layer, args):
+    """SAELens's on-disk format: sae_lens.SAE.load_from_disk(folder) loads it as it is."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
+    save_file(weights, os.path.join(tmp, "sae_weights.safetensors"))
+    save_file({"sparsity": torch.log10(density.float().cpu() + 1e-10)}, os.path.join(tmp, "sparsity.safetensors"))
+    d_in, d_sae = sae.W_enc.shape
+    cfg = {
+        "architecture": "standard", "d_in": d_in, "d_sae": d_sae,
+        "activation_fn_str": "relu", "activation_fn_kwargs": {},
+        "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
+        "context_size": args.ctx, "model_name": "gpt2", "hook_name": hook_name(layer), "hook_layer": layer,
+        "hook_head_index": None, "prepend_bos": True,
+        "dataset_path": args.activations or ("kjj0/fineweb10B-gpt2" if args.data == "fineweb" else args.data),
+        "dataset_trust_remote_code": False, "normalize_activations": "none",
+        "dtype": "float32", "device": "cpu", "sae_lens_training_version": None, "neuronpedia_id": None,
+        "model_from_pretrained_kwargs": {"center_writing_weights": args.center},
+        "seqpos_slice": [1, None] if args.exclude_bos else [None],
+        "training_args": vars(args),  # ours, beyond SAELens's fields; it ignores unknown keys
+    }
+    with open(os.path.join(tmp, "cfg.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    replace_folder(tmp, folder)
+
+
+def save_checkpoint(run, trainees, kept, gen, source, step):
+    """One safetensors file: each SAE's weights, Adam moments and feature counters, the kept
+    half of the buffer, the shuffle generator; the step and the data position as metadata."""
+    tensors = {"buffer": kept.cpu().contiguous(), "generator": gen.get_state()}
+    for t in trainees:
+        for name, param in t.sae.named_parameters():
+            tensors[f"{t.layer}.{name}"] = param.detach().cpu()
+            for k, v in t.opt.state[param].items():  # step, exp_avg, exp_avg_sq (none before step 1)
+                tensors[f"{t.layer}.adam.{name}.{k}"] = v.cpu()
+        for k in ("since_fired", "fires", "density"):
+            tensors[f"{t.layer}.{k}"] = getattr(t, k).cpu()
+    meta = {"step": str(step), "source": json.dumps(source.state_dict())}
+    path = os.path.join(run, "checkpoint.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(run, trainees, gen, source, device):
+    path = os.path.join(run, "checkpoint.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    for t in trainees:
+        with torch.no_grad():
+            for name, param in t.sae.named_parameters():
+                param.copy_(tensors[f"{t.layer}.{name}"])
+        state = t.opt.state_dict()  # refill its per-parameter state; the param groups stay
+        state["state"] = {i: {k: tensors[f"{t.layer}.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+                          for i, (name, _) in enumerate(t.sae.named_parameters())
+                          if f"{t.layer}.adam.{name}.step" in tensors}
+        t.opt.load_state_dict(state)
+        for k in ("since_fired", "fires", "density"):
+            setattr(t, k, tensors[f"{t.layer}.{k}"].to(device))
+    gen.set_state(tensors["generator"])
+    source.load_state_dict(json.loads(meta["source"]))
+    return tensors["buffer"].to(device), int(meta["step"])
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+class Trainee:
+    """One layer's SAE and what its training keeps track of."""
+
+    def __init__(self, layer, sae, opt, device):
+        m = sae.b_enc.shape[0]
+        self.layer, self.sae, self.opt = layer, sae, opt
+        self.since_fired = torch.zeros(m, dtype=torch.long, device=device)  # steps since each feature fired
+        self.fires = torch.zeros(m, device=device)       # activations counted in the current density window
+        self.density = torch.zeros(m, device=device)     # firing rate over the last full window
+
+
+def lr_at(step, args):
+    if step < args.lr_warmup:
+        return args.lr * (step + 1) / args.lr_warmup
+    if args.lr_decay == "cosine":
+        done = (step - args.lr_warmup) / max(1, args.tokens // args.batch - args.lr_warmup)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * done))
+    return args.lr
+
+
+def train_step(t, x, step, args, autocast, log):
+    """One optimizer step of one SAE on x [B, d]; returns the metrics when `log`."""
+    lr = lr_at(step, args)
+    l1 = args.l1 * min(1.0, (step + 1) / args.l1_warmup) if args.l1_warmup else args.l1
+    for group in t.opt.param_groups:
+        group["lr"] = lr
+    dead = torch.nonzero(t.since_fired >= args.dead_window).squeeze(1) if args.ghost_grads else None
+    with autocast():
+        loss, parts, f, x_hat = sae_loss(t.sae, x, l1, dead, args.loss)
+    t.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.loss == "seed":
+        remove_parallel_grad(t.sae)
+    if args.clip_grad:
+        torch.nn.utils.clip_grad_norm_(t.sae.parameters(), args.clip_grad)
+    t.opt.step()
+    if args.loss == "seed":
+        normalize_decoder(t.sae)
+    with torch.no_grad():
+        active = f > 0                                                    # [B, m]
+        t.since_fired = torch.where(active.any(0), 0, t.since_fired + 1)
+        t.fires += active.sum(0)
+        if (step + 1) % args.density_window == 0:
+            t.density, t.fires = t.fires / (args.density_window * len(x)), torch.zeros_like(t.fires)
+        if not log:
+            return None
+        x_hat, total = x_hat.float(), x - x.mean(0)
+        explained = 1 - (x - x_hat).pow(2).sum(1) / total.pow(2).sum(1)  # the seed's per-token form
+        record = {k: v.item() for k, v in parts.items()}
+        return {**record, "loss": loss.item(), "l0": active.sum(1).float().mean().item(),
+                "explained_variance": explained.mean().item(),
+                "dead_pct": 100 * (t.since_fired >= args.dead_window).float().mean().item(), "lr": lr}
+
+
+def check_run_folder(args):
+    """Refuse to overwrite a finished or unfinished run without --force."""
+    run = args.out
+    if os.path.exists(os.path.join(run, "run.json")) and not args.force:
+        if os.path.exists(os.path.join(run, "checkpoint.safetensors")):
+            raise ValueError(f"{run} holds an unfinished run: continue it with --resume {run}, or pass --force")
+        raise ValueError(f"{run} holds a run already: pass --force to overwrite it, or choose --out")
+
+
+def start_run_folder(args):
+    """Clear what an overwritten run left, and record this run's settings in run.json."""
+    run = args.out
+    os.makedirs(run, exist_ok=True)
+    for stale in ("checkpoint.safetensors", "log.jsonl"):
+        if os.path.exists(os.path.join(run, stale)):
+            os.remove(os.path.join(run, stale))
+    with open(os.path.join(run, "run.json.tmp"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    os.replace(os.path.join(run, "run.json.tmp"), os.path.join(run, "run.json"))
+
+
+def settings_for_resume(args):
+    path = os.path.join(args.resume, "run.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no run to resume in {args.resume} (expected {path})")
+    if not os.path.isfile(os.path.join(args.resume, "checkpoint.safetensors")):
+        raise ValueError(f"{args.resume} has no checkpoint to resume from (finished, or stopped before the first)")
+    with open(path) as f:
+        saved = argparse.Namespace(**json.load(f))
+    # The run continues as it began; only where it runs may change, and the folder may have moved.
+    saved.resume, saved.out, saved.device = args.resume, args.resume, args.device
+    return saved
+
+
+def make_autocast(args):
+    precision = args.precision if args.precision != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    return lambda: torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16")
+
+
+def make_source(args, layers, autocast):
+    if args.activations:
+        return FileSource(args.activations, args.center, args.device)
     data = args.data if args.data == "fineweb" else args.data.split(",")
     shards = gpt2.corpus(data, "train", args.ctx, args.cache_dir)
-    if data != "fineweb":  # local files are cheap to check now; FineWeb is fetched as training reaches it
-        gpt2.Contexts(shards, args.ctx, seed=0).next(1)
-    hooks = ", ".join(f"blocks.{L}.hook_resid_pre" for L in layers)
-    print(f"would train {len(layers)} SAE(s) on {hooks}, from one GPT-2 forward stopped at block {max(layers)}, "
-          f"on {'FineWeb-10B' if data == 'fineweb' else ', '.join(data)} in contexts of {args.ctx} tokens. "
-          f"The trainer is not written yet.")
+    gpt2.Contexts(shards, args.ctx, seed=args.seed).next(1)  # bad data fails now, not after loading the model
+    stream = gpt2.Contexts(shards, args.ctx, seed=args.seed)
+    model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
+    source = ResidualSource(model, stream, layers, args.gpt2_batch, args.center, args.exclude_bos, autocast, args.device)
+    if args.compile:
+        source.forward = torch.compile(model.residuals)
+    return source
+
+
+def train(args):
+    layers = gpt2.parse_layers(args.layer)
+    if args.activations and len(layers) != 1:
+        raise ValueError(f"--layer {args.layer} with --activations: expected one layer, the one the file holds")
+    half = args.buffer // 2
+    if half < args.batch:
+        raise ValueError(f"--buffer {args.buffer}: expected at least two batches ({2 * args.batch})")
+    if not args.resume:
+        check_run_folder(args)
+    autocast = make_autocast(args)
+    source = make_source(args, layers, autocast)
+    if not args.resume:
+        start_run_folder(args)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    trainees = []
+    kept = None if args.resume else source.next(half)  # [half, layers, d]: the first half-buffer
+    for j, layer in enumerate(layers):
+        # Seeded by layer, so that an SAE does not depend on which other layers train beside it.
+        sae = SAE(source.d, args.d_sae, seed=args.seed * 1000 + layer).to(args.device)
+        if kept is not None:
+            with torch.no_grad():
+                sae.b_dec.copy_(geometric_median(kept[:, j]))
+        opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+        trainees.append(Trainee(layer, sae, opt, args.device))
+    step = 0
+    if args.resume:
+        kept, step = load_checkpoint(args.out, trainees, gen, source, args.device)
+        keep_log_until(os.path.join(args.out, "log.jsonl"), step)
+        print(f"resumed {args.out} at step {step:,}", file=sys.stderr)
+
+    stop = []  # the signal that asked us to stop, if any
+
+    def on_signal(signum, frame):
+        if stop:  # asked twice: quit now, without a checkpoint
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print("\nstopping at the end of this half-buffer, after a checkpoint (signal again to quit now)",
+              file=sys.stderr)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    total, per_half = args.tokens // args.batch, half // args.batch
+    steps_per_checkpoint = max(1, args.checkpoint_every // args.batch)
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    last_checkpoint, t0, step0 = step, time.time(), step
+    while step < total:
+        # Checkpoints and stops happen here, between refills, where the state is small: the
+        # kept half of the buffer, and no half-served batch to remember.
+        if stop or step - last_checkpoint >= steps_per_checkpoint:
+            check_finite(trainees, step)
+            save_checkpoint(args.out, trainees, kept, gen, source, step)
+            last_checkpoint = step
+            if stop:
+                print(f"stopped by signal {stop[0]} at step {step:,}; checkpoint saved. "
+                      f"Continue with: python train_sae.py --resume {args.out}", file=sys.stderr)
+                sys.exit(128 + stop[0])
+        # The seed's mixing buffer: the kept half and a fresh half, shuffled together; one half
+        # is served as batches, the other kept for the next round.
+        mixed = torch.cat([kept, source.next(half)])                               # [2 half, layers, d]
+        mixed = mixed[torch.randperm(len(mixed), generator=gen, device=args.device)]
+        kept, served = mixed[:half], mixed[half:]
+        for i in range(min(per_half, total - step)):
+            x = served[i * args.batch:(i + 1) * args.batch]                         # [batch, layers, d]
+            logging = (step + 1) % args.log_every == 0 or step + 1 == total
+            records = [train_step(t, x[:, j], step, args, autocast, logging) for j, t in enumerate(trainees)]
+            step += 1
+            if logging:
+                report(records, trainees, step, total, args, time.time() - t0, step - step0, log)
+    log.close()
+    check_finite(trainees, step)
+    for t in trainees:
+        density = t.density if step >= args.density_window else t.fires / (step * args.batch)
+        save_sae(os.path.join(args.out, hook_name(t.layer)), t.sae, density, t.layer, args)
+    if os.path.exists(os.path.join(args.out, "checkpoint.safetensors")):
+        os.remove(os.path.join(args.out, "checkpoint.safetensors"))  # the SAEs are saved; it is spent
+    print(f"done: {', '.join(os.path.join(args.out, hook_name(t.layer)) for t in trainees)}")
+
+
+def check_finite(trainees, step):
+    """Stop, keeping the last good checkpoint, before a NaN or Inf could be saved."""
+    for t in trainees:
+        if not all(torch.isfinite(p).all() for p in t.sae.parameters()):
+            raise FloatingPointError(f"layer {t.layer}: weights are not finite at step {step:,}; stopped. The "
+                                     f"last good checkpoint is kept: lower --lr or raise --lr_warmup, then --resume")
+
+
+def keep_log_until(path, step):
+    """On resume, drop the log lines of steps that will be run again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
+def report(records, trainees, step, total, args, elapsed, steps_done, log):
+    """One line per SAE on stdout, the same records in log.jsonl. A NaN or Inf stops the run."""
+    tokens_per_s = steps_done * args.batch / elapsed
+    eta = (total - step) * args.batch / tokens_per_s
+    for t, r in zip(trainees, records):
+        if not all(math.isfinite(v) for v in r.values()):
+            raise FloatingPointError(f"layer {t.layer}: loss is {r['loss']} at step {step:,}; stopped. The last "
+                                     f"good checkpoint is kept: lower --lr or raise --lr_warmup, then --resume")
+        r = {"step": step, "tokens": step * args.batch, "layer": t.layer, "tokens_per_s": round(tokens_per_s), **r}
+        log.write(json.dumps(r) + "\n")
+        print(f"step {step:>7,}/{total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
+              f" | eta {eta / 60:5.1f} min | L{t.layer:<2} mse {r['mse']:.4g} l1 {r['l1']:.4g} ghost {r['ghost']:.3g}"
+              f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")
+    log.flush()
+
+
+def save_activations(args):
+    """Write --tokens raw residuals ([N, d] float32 .npy, uncentred) of one layer, to train on
+    later with --activations (centring, if on, is applied when training)."""
+    layers = gpt2.parse_layers(args.layer)
+    if len(layers) != 1:
+        raise ValueError(f"--layer {args.layer} with --save_activations: expected one layer")
+    path = args.save_activations
+    if not path.endswith(".npy"):
+        raise ValueError(f"--save_activations {path}: expected a .npy path")
+    if os.path.exists(path) and not args.force:
+        raise ValueError(f"{path} exists: pass --force to overwrite it")
+    args.center = False
+    source = make_source(args, layers, make_autocast(args))
+    d, chunk = source.model.cfg.n_embd, args.buffer // 2  # the chunks training reads, so the rows match
+    out = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(args.tokens, d))
+    t0 = time.time()
+    for a in range(0, args.tokens, chunk):
+        b = min(a + chunk, args.tokens)
+        out[a:b] = source.next(chunk)[:b - a, 0].cpu().numpy()
+        gpt2.progress(f"residuals of {hook_name(layers[0])}", b * d * 4, args.tokens * d * 4, t0)
+    print(file=sys.stderr)
+    out.flush()
+    del out
+    os.replace(path + ".tmp.npy", path)
+    print(f"wrote {args.tokens:,} x {d} activations of {hook_name(layers[0])} to {path}")
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    if args.resume:
+        args = settings_for_resume(args)
+    if args.save_activations:
+        return save_activations(args)
+    args.out = args.out or os.path.join("runs", "L" + args.layer.replace(",", "-"))
+    train(args)
 
 
 if __name__ == "__main__":
     try:
-        main(p.parse_args())
-    except (ValueError, OSError) as e:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
