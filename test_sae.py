@@ -4,10 +4,13 @@ References are independent of our code: transformers' GPT-2, tiktoken, and close
 """
 
 import http.server
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -384,3 +387,269 @@ def test_bad_input_gets_one_line(tmp_path, args, message):
     gpt2.write_shard(str(tmp_path / "a.bin"), np.arange(1000, dtype=np.uint16))
     code, err = run_cli(*[a.format(tmp=tmp_path) for a in args], cache=tmp_path / "cache")
     assert code != 0 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+# -----------------------------------------------------------------------------
+# The SAE trainer (train_sae.py)
+
+import train_sae  # noqa: E402  (after the GPT-2 tests, which need nothing of it)
+
+
+def reference_loss(P, x, l1_coef, dead, convention):
+    """The loss in float64 from the formulas alone: plain autograd, no custom backward."""
+    x = x.double()
+    pre = (x - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
+    f = torch.relu(pre)
+    x_hat = f @ P["W_dec"] + P["b_dec"]
+
+    def mse(a, b):
+        if convention == "seed":
+            return ((a - b) ** 2 / x.norm(dim=1, keepdim=True)).mean()
+        return ((a - b) ** 2).sum(1).mean()
+    rec = mse(x_hat, x)
+    l1 = l1_coef * (f.sum(1).mean() if convention == "seed" else (f * P["W_dec"].norm(dim=1)).sum(1).mean())
+    loss = rec + l1
+    if dead is not None:
+        r = (x - x_hat).detach()
+        g = torch.exp(pre[:, dead]) @ P["W_dec"][dead]
+        g = g * (r.norm(dim=1, keepdim=True) / (2 * g.norm(dim=1, keepdim=True))).detach()
+        ghost = mse(g, r)
+        loss = loss + ghost * (rec / ghost).detach()
+    return loss
+
+
+def random_sae(d=12, m=40, seed=0):
+    sae = train_sae.SAE(d, m, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # biases away from zero, so that every term is exercised
+        sae.b_enc.copy_(0.3 * torch.randn(m, generator=g))
+        sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
+        sae.W_enc.mul_(1 + torch.rand(d, m, generator=g))
+    return sae
+
+
+@pytest.mark.parametrize("convention", ["seed", "saelens"])
+@pytest.mark.parametrize("dead, long_dead", [(None, False), ([3, 7, 20, 21], False), ([3, 7, 20, 21], True)],
+                         ids=["no-dead", "dead", "long-dead"])
+def test_loss_and_gradients_match_float64(convention, dead, long_dead):
+    sae = random_sae()
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    dead_idx = None if dead is None else torch.tensor(dead)
+    if long_dead:  # pre-activations near -100: exp underflows float32 unless handled
+        with torch.no_grad():
+            sae.b_enc[dead_idx] = -100 - torch.arange(4.0)
+    loss, parts, f, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention)
+    loss.backward()
+    P = {k: v.detach().double().requires_grad_() for k, v in sae.named_parameters()}
+    ref = reference_loss(P, x, 1e-2, dead_idx, convention)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    if dead is not None:  # the ghost term is rescaled to the MSE's value
+        assert abs(parts["ghost"].item() - parts["mse"].item()) < 1e-6 * parts["mse"].item()
+    assert 0 < (f > 0).float().mean() < 1  # some features on, some off
+    for name, param in sae.named_parameters():
+        err = (param.grad.double() - P[name].grad).norm() / P[name].grad.norm()
+        assert err < 1e-5, (name, err.item())
+
+
+def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
+    sae = random_sae()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    W, G = sae.W_dec.detach().double(), sae.W_dec.grad.double()
+    expected = G - (G * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True)  # rows are unit already
+    train_sae.remove_parallel_grad(sae)
+    assert (sae.W_dec.grad.double() - expected).abs().max() < 1e-6
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    # One whole optimizer step keeps every row at unit norm.
+    args = train_sae.p.parse_args(["--d_sae", "40", "--lr", "1e-2", "--lr_warmup", "1"])
+    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-2), "cpu")
+    before = sae.W_dec.detach().clone()
+    train_sae.train_step(t, torch.randn(32, 12), 0, args, lambda: torch.autocast("cpu", enabled=False), False)
+    assert not torch.equal(before, sae.W_dec)
+    assert (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-6
+
+
+def test_geometric_median():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(3000, 16, generator=g), 30 + 5 * torch.randn(500, 16, generator=g)])  # outliers
+    y = train_sae.geometric_median(x).double()
+    X = x.double()
+    objective = lambda v: (X - v).norm(dim=1).sum()
+    # Reference optimum in float64 by L-BFGS, a different method, from the coordinate-wise median.
+    ref = X.median(0).values.clone().requires_grad_()
+    opt = torch.optim.LBFGS([ref], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    opt.step(lambda: (opt.zero_grad(), objective(ref).backward(), objective(ref))[2])
+    assert (y - ref.detach()).norm() < 1e-3 * ref.norm()
+    assert objective(y) <= objective(ref.detach()) * (1 + 1e-7)
+    assert objective(y) < 0.9 * objective(X.mean(0))  # the outliers pull the mean away
+    # At the optimum the unit vectors towards the points cancel.
+    unit = (X - y) / (X - y).norm(dim=1, keepdim=True)
+    assert unit.sum(0).norm() < 1e-3 * len(X)
+
+
+def test_ghost_grads_reach_dead_features_only_when_on():
+    sae = random_sae()
+    dead = torch.tensor([3, 7, 20])
+    with torch.no_grad():
+        sae.b_enc[dead] = -100  # these never fire
+    x = torch.randn(64, 12)
+    for ghost in (True, False):
+        sae.zero_grad()
+        loss, _, f, _ = train_sae.sae_loss(sae, x, 1e-2, dead if ghost else None, "seed")
+        loss.backward()
+        assert (f[:, dead] == 0).all()
+        for grad in (sae.W_enc.grad[:, dead], sae.b_enc.grad[dead], sae.W_dec.grad[dead]):
+            assert (grad.abs().sum() > 0) == ghost
+    # Through the training step: with the flag off, forced-dead features stay exactly as they were.
+    for ghost in (True, False):
+        sae = random_sae()
+        with torch.no_grad():
+            sae.b_enc[dead] = -100
+        args = train_sae.p.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_window", "3",
+                                       "--ghost_grads" if ghost else "--no-ghost_grads"])
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        before = sae.W_enc[:, dead].detach().clone()
+        for step in range(6):
+            train_sae.train_step(t, torch.randn(64, 12), step, args, lambda: torch.autocast("cpu", enabled=False), False)
+        assert (t.since_fired[dead] >= 3).all()
+        assert torch.equal(before, sae.W_enc[:, dead].detach()) != ghost
+
+
+def test_it_learns_a_known_dictionary(tmp_path):
+    """64 unit atoms in d = 32, about 3 active per sample, on a shared offset as residuals have."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(64, 32, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    offset = torch.randn(32, generator=g) * 5 / 32 ** 0.5
+    active = torch.rand(100_000, 64, generator=g) < 3 / 64
+    x = ((1 + torch.rand(100_000, 64, generator=g)) * active) @ atoms + offset
+    np.save(tmp_path / "acts.npy", x.numpy())
+    train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", "128", "--batch", "1024",
+                    "--tokens", str(5000 * 1024), "--buffer", "16384", "--lr", "1e-3", "--l1", "3.6e-3",
+                    "--lr_warmup", "100", "--dead_window", "1000", "--no-center", "--out", str(tmp_path / "run"),
+                    "--log_every", "1000", "--device", "cpu"])
+    W = load_file(str(tmp_path / "run" / "blocks.9.hook_resid_pre" / "sae_weights.safetensors"))["W_dec"]
+    best = (atoms @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values  # each atom's closest decoder row
+    assert (best > 0.9).float().mean() >= 0.9
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random GPT-2 (3 layers, d 64) in transformers' layout and a token file."""
+    folder = tmp_path_factory.mktemp("tiny")
+    hf = transformers_gpt2(gpt2.GPTConfig(block_size=16, n_layer=3, n_head=1, n_embd=64))
+    hf.save_pretrained(str(folder))
+    gpt2.write_shard(str(folder / "tokens.bin"), np.random.default_rng(0).integers(0, 50257, 60_000).astype(np.uint16))
+    return str(folder / "model.safetensors"), str(folder / "tokens.bin")
+
+
+def tiny_args(tiny, out, *extra, steps=40):
+    weights, tokens = tiny
+    return ["--weights", weights, "--data", tokens, "--out", str(out), "--d_sae", "64", "--batch", "64",
+            "--tokens", str(64 * steps), "--buffer", "512", "--ctx", "16", "--gpt2_batch", "8", "--lr_warmup", "5",
+            "--dead_window", "8", "--density_window", "4", "--log_every", "4", "--device", "cpu", *extra]
+
+
+def sae_weights(folder):
+    return load_file(os.path.join(folder, "sae_weights.safetensors"))
+
+
+def test_each_layer_gets_its_own_activations(tiny, tmp_path):
+    """Two SAEs from one forward equal: one trained alone; one trained on a cached file of
+    exactly its layer's residuals, which we check against gpt2.py directly."""
+    both = train_sae.main(tiny_args(tiny, tmp_path / "both", "--layer", "0,2"))
+    alone = train_sae.main(tiny_args(tiny, tmp_path / "alone", "--layer", "0"))
+    assert torch.equal(both[0].sae.W_enc, alone[0].sae.W_enc) and torch.equal(both[0].sae.b_dec, alone[0].sae.b_dec)
+    assert not torch.equal(both[0].sae.W_enc, both[1].sae.W_enc)
+    # 40 steps of 64 read the first half-buffer and 10 refills: 11 x 256 residuals.
+    rows = 11 * 256
+    train_sae.main(tiny_args(tiny, tmp_path, "--layer", "2", "--save_activations", str(tmp_path / "acts.npy"),
+                             "--tokens", str(rows)))
+    acts = np.load(tmp_path / "acts.npy")
+    model = gpt2.from_pretrained(tiny[0])
+    stream = gpt2.Contexts(gpt2.corpus(tiny[1], "train", 16), 16, seed=0)
+    with torch.no_grad():
+        ref = model.residuals(stream.next(rows // 16), [2])[2].reshape(-1, 64)  # [rows, d], uncentred
+    assert acts.shape == (rows, 64) and np.allclose(acts, ref.numpy(), atol=1e-5)
+    from_file = train_sae.main(tiny_args(tiny, tmp_path / "file", "--layer", "2", "--activations", str(tmp_path / "acts.npy")))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(from_file[0].sae, name), getattr(both[1].sae, name)), name
+
+
+def test_output_is_saelens_format_and_reloads(tiny, tmp_path):
+    out = tmp_path / "run"
+    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1"))
+    folder = out / "blocks.1.hook_resid_pre"
+    assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    cfg = json.load(open(folder / "cfg.json"))
+    assert cfg["hook_name"] == "blocks.1.hook_resid_pre" and cfg["hook_layer"] == 1
+    assert (cfg["d_in"], cfg["d_sae"], cfg["architecture"], cfg["activation_fn_str"]) == (64, 64, "standard", "relu")
+    assert cfg["apply_b_dec_to_input"] is True and cfg["model_from_pretrained_kwargs"] == {"center_writing_weights": True}
+    assert "sae_lens_version" not in cfg and cfg["context_size"] == 16 and cfg["normalize_activations"] == "none"
+    weights = sae_weights(folder)
+    assert {k: list(v.shape) for k, v in weights.items()} == {"W_enc": [64, 64], "b_enc": [64], "W_dec": [64, 64], "b_dec": [64]}
+    reloaded = train_sae.SAE(64, 64)
+    reloaded.load_state_dict(weights)
+    x = torch.randn(50, 64)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x)[1], t.sae(x)[1])  # identical encodings
+        # SAELens's forward, written out: f = relu((x - b_dec) W_enc + b_enc).
+        f = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
+        assert torch.allclose(f, t.sae(x)[1], atol=1e-6)
+    sparsity = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
+    assert sparsity.shape == (64,) and torch.allclose(sparsity, torch.log10(t.density + 1e-10))
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == list(range(4, 41, 4))
+    assert {"tokens", "tokens_per_s", "mse", "l1", "ghost", "l0", "explained_variance", "dead_pct", "lr"} <= set(records[-1])
+    # A finished run is not overwritten without --force.
+    with pytest.raises(ValueError, match="holds a run already: pass --force"):
+        train_sae.main(tiny_args(tiny, out, "--layer", "1"))
+    train_sae.main(tiny_args(tiny, out, "--layer", "1", "--force"))
+
+
+def run_train(args, signal_after_checkpoint=None):
+    """train_sae.py in a subprocess; optionally sent a signal as soon as a checkpoint exists."""
+    proc = subprocess.Popen([sys.executable, "train_sae.py", *args], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    if signal_after_checkpoint:
+        out = args[args.index("--out") + 1]
+        while not os.path.exists(os.path.join(out, "checkpoint.safetensors")):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.005)
+        proc.send_signal(signal_after_checkpoint)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how):
+    extra = ["--layer", "0,2", "--checkpoint_every", "256"]
+    code, err = run_train(tiny_args(tiny, tmp_path / "whole", *extra, steps=200))
+    assert code == 0, err
+    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=200), signal_after_checkpoint=how)
+    assert code == (-9 if how == signal.SIGKILL else 128 + signal.SIGTERM), err
+    assert not os.path.exists(tmp_path / "cut" / "blocks.0.hook_resid_pre")  # it really was cut short
+    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=200))
+    assert code != 0 and "holds an unfinished run: continue it with --resume" in err
+    code, err = run_train(["--resume", str(tmp_path / "cut")])
+    assert code == 0 and "resumed" in err, err
+    for layer in (0, 2):
+        whole = sae_weights(tmp_path / "whole" / f"blocks.{layer}.hook_resid_pre")
+        cut = sae_weights(tmp_path / "cut" / f"blocks.{layer}.hook_resid_pre")
+        assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
+    logged = [(r["step"], r["layer"]) for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl"))]
+    assert logged == [(s, layer) for s in range(4, 201, 4) for layer in (0, 2)]  # none twice, none lost
+    assert not os.path.exists(tmp_path / "cut" / "checkpoint.safetensors")  # spent once the SAEs are saved
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+    x[1500:] = np.inf  # read in the fifth refill
+    np.save(tmp_path / "acts.npy", x)
+    code, err = run_train(["--activations", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "run"),
+                           "--d_sae", "32", "--batch", "64", "--buffer", "512", "--tokens", str(64 * 100),
+                           "--log_every", "1", "--checkpoint_every", "256", "--device", "cpu"])
+    assert code == 1 and "loss is nan" in err and "last good checkpoint is kept" in err, err
+    assert len(err.strip().splitlines()) == 1
+    checkpoint = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for k, v in checkpoint.items() if k != "generator")

@@ -157,7 +157,11 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed"):
         # the residual the live features leave. Only its direction matters: the norm is set
         # to half the residual's, and the whole term is rescaled to the size of the MSE.
         r = (x - x_hat).detach()                                        # [B, d]
-        g = torch.exp(pre[:, dead].float()) @ sae.W_dec[dead]           # [B, d]
+        pre_dead = pre[:, dead].float()                                 # [B, n_dead]
+        # exp(pre - c_b) for a constant c_b per token changes g_b by a factor that the rescale
+        # below divides out again, value and gradient alike; with c_b = the row's max, exp
+        # neither underflows (pre = -100 is common for long-dead features) nor overflows.
+        g = torch.exp(pre_dead - pre_dead.max(1, keepdim=True).values.detach()) @ sae.W_dec[dead]  # [B, d]
         g = g * (r.norm(dim=1, keepdim=True) / (2 * g.norm(dim=1, keepdim=True))).detach()
         ghost_mse = mse(g, r, x, convention)
         ghost_loss = ghost_mse * (mse_loss / ghost_mse).detach()  # a scalar rescale: its value is the MSE's
@@ -498,9 +502,19 @@ def train(args):
         stop.append(signum)
         print("\nstopping at the end of this half-buffer, after a checkpoint (signal again to quit now)",
               file=sys.stderr)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_steps(args, trainees, source, kept, gen, step, stop, autocast)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return trainees
 
+
+def run_steps(args, trainees, source, kept, gen, step, stop, autocast):
+    """The loop: refill the buffer, serve its batches to every SAE, log, checkpoint; at the end
+    write each SAE's folder."""
+    half = args.buffer // 2
     total, per_half = args.tokens // args.batch, half // args.batch
     steps_per_checkpoint = max(1, args.checkpoint_every // args.batch)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
@@ -567,7 +581,7 @@ def report(records, trainees, step, total, args, elapsed, steps_done, log):
         r = {"step": step, "tokens": step * args.batch, "layer": t.layer, "tokens_per_s": round(tokens_per_s), **r}
         log.write(json.dumps(r) + "\n")
         print(f"step {step:>7,}/{total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
-              f" | eta {eta / 60:5.1f} min | L{t.layer:<2} mse {r['mse']:.4g} l1 {r['l1']:.4g} ghost {r['ghost']:.3g}"
+              f" | eta {eta / 60:5.1f} min | layer {t.layer:<2} | mse {r['mse']:.4g} l1 {r['l1']:.4g} ghost {r['ghost']:.3g}"
               f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")
     log.flush()
 
@@ -606,7 +620,7 @@ def main(argv=None):
     if args.save_activations:
         return save_activations(args)
     args.out = args.out or os.path.join("runs", "L" + args.layer.replace(",", "-"))
-    train(args)
+    return train(args)
 
 
 if __name__ == "__main__":
