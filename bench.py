@@ -1,12 +1,20 @@
 """
 Benchmarks; each section prints a table. Timings live here, never in the tests.
 
-    python bench.py                 # every section that this machine can run
-    python bench.py --compile       # also the torch.compile'd GPT-2 forward (CUDA)
+    python bench.py                                   # every section this machine can run
+    python bench.py --compile                         # also torch.compile'd GPT-2 (CUDA)
+    python bench.py --saelens_python ENV/bin/python   # also SAELens's training step, for comparison
 
-GPT-2 forward to layer 9 (blocks.9.hook_resid_pre) at context 128, in tokens per second:
-- on CUDA: fp32, and bf16 autocast (flash attention), eager and compiled;
-- on CPU: against transformers' GPT2 on the same input (needs `transformers`, a test-only package).
+Sections:
+- gpt2: the GPT-2 forward to layer 9 at context 128, tokens/s. On CUDA: fp32 and bf16 autocast,
+  eager and compiled. On CPU: against transformers' GPT2 on the same input (needs
+  `transformers`, a test-only package).
+- step: one SAE training step (forward, backward, Adam, decoder constraint) at d 768, m 24,576.
+  On CPU, fp32, batch 1,024, against SAELens's StandardTrainingSAE step on identical
+  activations (SAELens lives in a separate environment, never beside this project). On CUDA,
+  batch 4,096, bf16 / tf32 / fp32, against the five-GEMM floor.
+- train: end-to-end `train_sae.py` tokens/s for --layer 9 and --layer all, and the metrics of a
+  short bf16 run beside fp32 (CUDA).
 Weights are random: speed does not depend on their values, and nothing is downloaded.
 """
 
@@ -18,6 +26,7 @@ import time
 import torch
 
 import gpt2
+import train_sae
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--layer", type=int, default=9, help="residual to stop at (blocks.L.hook_resid_pre)")
@@ -26,7 +35,11 @@ p.add_argument("--gpu_batch", type=int, default=512, help="contexts per forward 
 p.add_argument("--cpu_batch", type=int, default=8, help="contexts per forward on CPU")
 p.add_argument("--reps", type=int, default=20, help="timed repetitions; the median is reported")
 p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
+p.add_argument("--sections", default="gpt2,step,train", help="which sections to run, comma-separated")
+p.add_argument("--saelens_python", default=None, help="python of an environment with sae-lens, for the step comparison")
+p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
+D, M = 768, 24576  # GPT-2 small's width; Bloom's SAE width
 
 
 def flops_per_token(cfg, n_blocks, ctx):
@@ -122,6 +135,126 @@ def cpu_against_transformers():
           ["output", "ours tokens/s", "transformers tokens/s", "speed-up"], rows)
 
 
-if torch.cuda.is_available():
-    cuda_forward()
-cpu_against_transformers()
+def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0):
+    """Median time of one train_sae.train_step on fixed activations (torch.manual_seed(0))."""
+    targs = train_sae.p.parse_args(["--batch", str(batch), "--loss", loss, "--clip_grad", str(clip),
+                                    "--precision", precision, "--device", device])
+    torch.manual_seed(0)
+    x = torch.randn(batch, D).to(device)
+    sae = train_sae.SAE(D, M).to(device)
+    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=4e-4), device)
+    autocast = train_sae.make_autocast(targs)
+    step = iter(range(10 ** 9))
+    return median_seconds(lambda: train_sae.train_step(t, x, next(step), targs, autocast, False), reps,
+                          device == "cuda")
+
+
+SAELENS_STEP = """
+import statistics, sys, time, torch
+from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig, LoggingConfig
+B, D, M, reps = {batch}, {d}, {m}, {reps}
+torch.manual_seed(0)
+x = torch.randn(B, D)  # the same activations as ours: same seed, same torch
+sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D, d_sae=M, l1_coefficient=5.0, dtype="float32", device="cpu"))
+cfg = SAETrainerConfig(total_training_samples=10 ** 9, train_batch_size_samples=B, lr=4e-4, lr_end=4e-4,
+                       device="cpu", logger=LoggingConfig(log_to_wandb=False), checkpoint_path="/tmp/saelens_ckpt",
+                       save_final_checkpoint=False)
+trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter([x]))
+for _ in range(2):
+    trainer.step(x)
+times = []
+for _ in range(reps):
+    t0 = time.perf_counter()
+    trainer.step(x)
+    times.append(time.perf_counter() - t0)
+print(statistics.median(times))
+"""
+
+
+def cpu_step():
+    batch = 1024
+    rows = []
+    theirs = None
+    if args.saelens_python:
+        import subprocess
+        code = SAELENS_STEP.format(batch=batch, d=D, m=M, reps=args.step_reps)
+        r = subprocess.run([args.saelens_python, "-c", code], capture_output=True, text=True)
+        if r.returncode:
+            print(f"\n(SAELens step failed: {r.stderr.strip().splitlines()[-1]})")
+        else:
+            theirs = float(r.stdout.strip().splitlines()[-1])
+            rows.append(["SAELens StandardTrainingSAE (MSE sum, L1 x ||W_dec||, clip 1.0)", f"{theirs:.3f}", "1.00x"])
+    for name, loss, clip in [("ours, --loss saelens --clip_grad 1 (the same math)", "saelens", 1.0),
+                             ("ours, default: the seed's loss, unit-norm decoder", "seed", 0.0)]:
+        s = ours_step_seconds("cpu", batch, args.step_reps, loss, "fp32", clip)
+        rows.append([name, f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-"])
+    gflop = 5 * 2 * batch * D * M / 1e9
+    table(f"SAE training step on CPU ({torch.get_num_threads()} threads), fp32, batch {batch}, d {D}, m {M:,} "
+          f"({gflop:.0f} GFLOP in five GEMMs; SAELens does six)", ["step", "seconds", "time vs SAELens"], rows)
+
+
+def cuda_step():
+    batch = 4096
+    floor_flop = 5 * 2 * batch * D * M
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    peak = 2 * 8192 ** 3 / median_seconds(lambda: a @ a, 10, True)
+    rows = []
+    for precision in ("bf16", "tf32", "fp32"):
+        s = ours_step_seconds("cuda", batch, args.reps, "seed", precision)
+        rows.append([precision, f"{s * 1e3:.2f}", f"{floor_flop / s / 1e12:.0f}", f"{100 * floor_flop / s / peak:.0f}%"])
+    table(f"SAE training step on {torch.cuda.get_device_name()}, batch {batch}, d {D}, m {M:,}: "
+          f"{floor_flop / 1e9:.0f} GFLOP, floor {floor_flop / peak * 1e3:.2f} ms at the measured bf16 peak "
+          f"{peak / 1e12:.0f} TFLOP/s", ["precision", "ms", "TFLOP/s", "% of peak"], rows)
+
+
+def cuda_train():
+    """End-to-end runs of train_sae.py on random GPT-2 weights and random tokens."""
+    import json
+    import numpy as np
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = gpt2.GPT(gpt2.GPTConfig())
+        save_published(model, f"{tmp}/gpt2.safetensors")
+        gpt2.write_shard(f"{tmp}/tokens.bin", np.random.default_rng(0).integers(0, 50257, 20_000_000).astype(np.uint16))
+        common = ["--weights", f"{tmp}/gpt2.safetensors", "--data", f"{tmp}/tokens.bin", "--log_every", "50",
+                  "--checkpoint_every", str(10 ** 12), "--lr_warmup", "100"]
+        for layer, tokens in (("9", 4096 * 400), ("all", 4096 * 150)):
+            out = f"{tmp}/run_{layer}"
+            train_sae.main(common + ["--layer", layer, "--tokens", str(tokens), "--out", out])
+            last = [json.loads(line) for line in open(f"{out}/log.jsonl")][-1]
+            rows.append([f"--layer {layer}", f"{last['tokens_per_s'] / 1e6:.2f}M",
+                         f"{300e6 / last['tokens_per_s'] / 60:.1f} min"])
+        table("train_sae.py end to end (bf16, batch 4,096, 24,576 features, GPT-2 forward included; "
+              "tokens/s over the whole run, refills and the first compile included)",
+              ["run", "tokens/s", "300M tokens"], rows)
+        rows = []
+        for precision in ("fp32", "bf16"):
+            out = f"{tmp}/short_{precision}"
+            train_sae.main(common + ["--layer", "9", "--tokens", str(4096 * 600), "--precision", precision,
+                                     "--out", out, "--seed", "1"])
+            last = [json.loads(line) for line in open(f"{out}/log.jsonl")][-1]
+            rows.append([precision, f"{last['mse']:.5f}", f"{last['l0']:.1f}", f"{last['explained_variance']:.4f}"])
+        table("A short run (600 steps, layer 9, random GPT-2): bf16 against fp32",
+              ["precision", "mse", "L0", "explained variance"], rows)
+
+
+def save_published(model, path):
+    """Our GPT-2's weights in OpenAI's layout (Conv1D weights [in, out]), for --weights."""
+    from safetensors.torch import save_file
+    sd = {k: (v.t() if k.endswith(gpt2.CONV1D) else v).contiguous() for k, v in model.state_dict().items()
+          if k != "lm_head.weight"}
+    save_file(sd, path)
+
+
+sections = args.sections.split(",")
+if "gpt2" in sections:
+    if torch.cuda.is_available():
+        cuda_forward()
+    cpu_against_transformers()
+if "step" in sections:
+    if torch.cuda.is_available():
+        cuda_step()
+    cpu_step()
+if "train" in sections and torch.cuda.is_available():
+    cuda_train()

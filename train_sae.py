@@ -116,7 +116,7 @@ class SAE(nn.Module):
         g = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(m, d, generator=g)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec.T.clone())   # [d, m]
+        self.W_enc = nn.Parameter(W_dec.T.contiguous())  # [d, m]; a clone would keep W_dec's strides
         self.b_enc = nn.Parameter(torch.zeros(m))    # [m]
         self.W_dec = nn.Parameter(W_dec)             # [m, d]
         self.b_dec = nn.Parameter(torch.zeros(d))    # [d]
@@ -279,7 +279,9 @@ def hook_name(layer):
 
 
 def replace_folder(tmp, folder):
-    """Put the finished folder `tmp` at `folder`, replacing any old one, never leaving neither."""
+    """Move the complete folder `tmp` to `folder`. An old `folder` is moved aside first and
+    deleted last, so that at every moment one whole copy exists."""
+    shutil.rmtree(folder + ".old", ignore_errors=True)  # left by a crash in an earlier call
     if os.path.exists(folder):
         os.replace(folder, folder + ".old")
     os.replace(tmp, folder)
@@ -393,9 +395,9 @@ def train_step(t, x, step, args, autocast, log):
     if args.loss == "seed":
         normalize_decoder(t.sae)
     with torch.no_grad():
-        active = f > 0                                                    # [B, m]
-        t.since_fired = torch.where(active.any(0), 0, t.since_fired + 1)
-        t.fires += active.sum(0)
+        fired = torch.count_nonzero(f, dim=0)                             # [m]: one pass over f
+        t.since_fired = torch.where(fired > 0, 0, t.since_fired + 1)
+        t.fires += fired
         if (step + 1) % args.density_window == 0:
             t.density, t.fires = t.fires / (args.density_window * len(x)), torch.zeros_like(t.fires)
         if not log:
@@ -403,7 +405,7 @@ def train_step(t, x, step, args, autocast, log):
         x_hat, total = x_hat.float(), x - x.mean(0)
         explained = 1 - (x - x_hat).pow(2).sum(1) / total.pow(2).sum(1)  # the seed's per-token form
         record = {k: v.item() for k, v in parts.items()}
-        return {**record, "loss": loss.item(), "l0": active.sum(1).float().mean().item(),
+        return {**record, "loss": loss.item(), "l0": torch.count_nonzero(f, dim=1).float().mean().item(),
                 "explained_variance": explained.mean().item(),
                 "dead_pct": 100 * (t.since_fired >= args.dead_window).float().mean().item(), "lr": lr}
 
@@ -414,6 +416,8 @@ def check_run_folder(args):
     if os.path.exists(os.path.join(run, "run.json")) and not args.force:
         if os.path.exists(os.path.join(run, "checkpoint.safetensors")):
             raise ValueError(f"{run} holds an unfinished run: continue it with --resume {run}, or pass --force")
+        if not any(name.startswith("blocks.") for name in os.listdir(run)):
+            raise ValueError(f"{run} holds a run that stopped before its first checkpoint: pass --force to start over")
         raise ValueError(f"{run} holds a run already: pass --force to overwrite it, or choose --out")
 
 
@@ -464,13 +468,33 @@ def make_source(args, layers, autocast):
     return source
 
 
-def train(args):
-    layers = gpt2.parse_layers(args.layer)
-    if args.activations and len(layers) != 1:
-        raise ValueError(f"--layer {args.layer} with --activations: expected one layer, the one the file holds")
-    half = args.buffer // 2
-    if half < args.batch:
+def check_args(args):
+    """One line naming the first flag with a value that cannot work."""
+    for flag in ("d_sae", "batch", "tokens", "buffer", "gpt2_batch", "log_every", "density_window", "checkpoint_every"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
+    for flag in ("lr_warmup", "l1_warmup", "dead_window", "l1", "clip_grad"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
+    if args.lr <= 0:
+        raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
+    if args.tokens < args.batch:
+        raise ValueError(f"--tokens {args.tokens}: expected at least one batch ({args.batch})")
+    if args.buffer < 2 * args.batch:
         raise ValueError(f"--buffer {args.buffer}: expected at least two batches ({2 * args.batch})")
+    if not 2 <= args.ctx <= 1024:
+        raise ValueError(f"--ctx {args.ctx}: expected 2..1024 (BOS and at least one token; GPT-2's longest context)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    layers = gpt2.parse_layers(args.layer)
+    if (args.activations or args.save_activations) and len(layers) != 1:
+        raise ValueError(f"--layer {args.layer}: expected one layer with --activations or --save_activations")
+    return layers
+
+
+def train(args):
+    layers = check_args(args)
+    half = args.buffer // 2
     if not args.resume:
         check_run_folder(args)
     autocast = make_autocast(args)
@@ -589,9 +613,7 @@ def report(records, trainees, step, total, args, elapsed, steps_done, log):
 def save_activations(args):
     """Write --tokens raw residuals ([N, d] float32 .npy, uncentred) of one layer, to train on
     later with --activations (centring, if on, is applied when training)."""
-    layers = gpt2.parse_layers(args.layer)
-    if len(layers) != 1:
-        raise ValueError(f"--layer {args.layer} with --save_activations: expected one layer")
+    layers = check_args(args)
     path = args.save_activations
     if not path.endswith(".npy"):
         raise ValueError(f"--save_activations {path}: expected a .npy path")
