@@ -93,18 +93,17 @@ class Encode(torch.autograd.Function):
     per step: two forward, three backward."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, W_enc, b_enc, b_dec):
         x_in = x - b_dec                      # [B, d]
         ctx.save_for_backward(x_in, W_enc)
-        return torch.addmm(b_enc, x_in, W_enc)
+        return torch.addmm(b_enc, x_in, W_enc)  # under autocast, a bf16 GEMM
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, d_pre):                 # [B, m]
-        x_in, W_enc = ctx.saved_tensors
-        d_sum = d_pre.sum(0)                  # [m]
-        return None, x_in.T @ d_pre, d_sum, -(W_enc @ d_sum)
+    def backward(ctx, d_pre):                 # [B, m], bf16 under autocast
+        x_in, W_enc = (t.to(d_pre.dtype) for t in ctx.saved_tensors)  # GEMMs in the forward's precision
+        d_sum = d_pre.float().sum(0)          # [m], summed in fp32
+        # Gradients come back in d_pre's dtype; autograd casts them to the fp32 parameters'.
+        return None, x_in.T @ d_pre, d_sum, -(W_enc.float() @ d_sum)
 
 
 class SAE(nn.Module):
