@@ -13,8 +13,9 @@ Sections:
   On CPU, fp32, batch 1,024, against SAELens's StandardTrainingSAE step on identical
   activations (SAELens lives in a separate environment, never beside this project). On CUDA,
   batch 4,096, bf16 / tf32 / fp32, against the five-GEMM floor.
-- train: end-to-end `train_sae.py` tokens/s for --layer 9 and --layer all, and the metrics of a
-  short bf16 run beside fp32 (CUDA).
+- train: end-to-end `train_sae.py` tokens/s for --layer 9 and --layer all (CUDA).
+- precision: the metrics of short bf16 runs beside fp32 ones, two seeds each, on a known sparse
+  dictionary (full width on CUDA; small on CPU, where autocast runs the same code).
 Weights are random: speed does not depend on their values, and nothing is downloaded.
 """
 
@@ -35,7 +36,7 @@ p.add_argument("--gpu_batch", type=int, default=512, help="contexts per forward 
 p.add_argument("--cpu_batch", type=int, default=8, help="contexts per forward on CPU")
 p.add_argument("--reps", type=int, default=20, help="timed repetitions; the median is reported")
 p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
-p.add_argument("--sections", default="gpt2,step,train", help="which sections to run, comma-separated")
+p.add_argument("--sections", default="gpt2,step,train,precision", help="which sections to run, comma-separated")
 p.add_argument("--saelens_python", default=None, help="python of an environment with sae-lens, for the step comparison")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
@@ -228,15 +229,38 @@ def cuda_train():
         table("train_sae.py end to end (bf16, batch 4,096, 24,576 features, GPT-2 forward included; "
               "tokens/s over the whole run, refills and the first compile included)",
               ["run", "tokens/s", "300M tokens"], rows)
-        rows = []
+
+
+def precision_runs():
+    """Short runs in bf16 and in fp32 on a known sparse dictionary (atoms on a shared offset, as
+    residuals have), two seeds each: bf16 should differ from fp32 by no more than one seed
+    differs from another. Full width on CUDA, small on CPU (where autocast runs the same code)."""
+    import json
+    import numpy as np
+    cuda = torch.cuda.is_available()
+    d, atoms, m, steps = (768, 4096, 24576, 2000) if cuda else (64, 128, 256, 1500)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(atoms, d, generator=g)
+    A /= A.norm(dim=1, keepdim=True)
+    active = torch.rand(200_000, atoms, generator=g) < 4 / atoms
+    x = ((1 + torch.rand(200_000, atoms, generator=g)) * active) @ A + torch.randn(d, generator=g) * 5 / d ** 0.5
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/acts.npy", x.numpy())
         for precision in ("fp32", "bf16"):
-            out = f"{tmp}/short_{precision}"
-            train_sae.main(common + ["--layer", "9", "--tokens", str(4096 * 600), "--precision", precision,
-                                     "--out", out, "--seed", "1"])
-            last = [json.loads(line) for line in open(f"{out}/log.jsonl")][-1]
-            rows.append([precision, f"{last['mse']:.5f}", f"{last['l0']:.1f}", f"{last['explained_variance']:.4f}"])
-        table("A short run (600 steps, layer 9, random GPT-2): bf16 against fp32",
-              ["precision", "mse", "L0", "explained variance"], rows)
+            for seed in (0, 1):
+                out = f"{tmp}/{precision}{seed}"
+                train_sae.main(["--activations", f"{tmp}/acts.npy", "--d_sae", str(m), "--batch", "1024",
+                                "--tokens", str(1024 * steps), "--buffer", "65536", "--lr", "1e-3", "--l1", "1e-3",
+                                "--lr_warmup", "100", "--no-center", "--precision", precision, "--seed", str(seed),
+                                "--out", out, "--log_every", "100", "--device", "cuda" if cuda else "cpu"])
+                last = [json.loads(line) for line in open(f"{out}/log.jsonl")][-10:]  # the last 1,000 steps
+                mean = lambda k: sum(r[k] for r in last) / len(last)
+                rows.append([precision, seed, f"{mean('mse'):.6f}", f"{mean('l0'):.2f}", f"{mean('explained_variance'):.4f}"])
+    table(f"bf16 against fp32: {steps} steps of batch 1,024 (short of convergence; compare the rows in pairs), "
+          f"d {d}, {m:,} features, {atoms:,} true atoms; means over the last 1,000 steps "
+          f"({'CUDA' if cuda else 'CPU autocast'})",
+          ["precision", "seed", "mse", "L0", "explained variance"], rows)
 
 
 def save_published(model, path):
@@ -258,3 +282,5 @@ if "step" in sections:
     cpu_step()
 if "train" in sections and torch.cuda.is_available():
     cuda_train()
+if "precision" in sections:
+    precision_runs()
