@@ -1,11 +1,15 @@
 """
 Tests, all on CPU and offline. Run: python -m pytest -q test_sae.py
-References are independent of our code: transformers' GPT-2, tiktoken, and closed-form cases.
+References are independent of our code: transformers' GPT-2, tiktoken, float64 computations
+written out here, and closed-form cases. The Triton kernels run under Triton's interpreter.
 """
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when kernels are defined: before triton is imported
 
 import http.server
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gpt2
+import kernels
+import train_sae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = gpt2.GPTConfig(block_size=64, vocab_size=50257, n_layer=3, n_head=4, n_embd=64)
@@ -396,7 +402,6 @@ def test_bad_input_gets_one_line(tmp_path, args, message):
 # -----------------------------------------------------------------------------
 # The SAE trainer (train_sae.py)
 
-import train_sae  # noqa: E402  (after the GPT-2 tests, which need nothing of it)
 
 
 def reference_loss(P, x, l1_coef, dead, convention):
@@ -453,12 +458,12 @@ def test_loss_and_gradients_match_float64(convention, dead, long_dead):
     if long_dead:  # pre-activations near -100: exp underflows float32 unless handled
         with torch.no_grad():
             sae.b_enc[dead_idx] = -100 - torch.arange(4.0)
-    loss, parts, f, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention)
+    loss, parts, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention)
     ref, errors = against_float64(sae, loss, x, dead_idx, convention)
     assert abs(loss.item() - ref) < 1e-5 * abs(ref)
     if dead is not None:  # the ghost term is rescaled to the MSE's value
         assert abs(parts["ghost"].item() - parts["mse"].item()) < 1e-6 * parts["mse"].item()
-    assert 0 < (f > 0).float().mean() < 1  # some features on, some off
+    assert 0 < fires.sum() < 16 * 40  # some features on, some off
     assert max(errors.values()) < 1e-5, errors
 
 
@@ -521,9 +526,9 @@ def test_ghost_grads_reach_dead_features_only_when_on():
     x = torch.randn(64, 12)
     for ghost in (True, False):
         sae.zero_grad()
-        loss, _, f, _ = train_sae.sae_loss(sae, x, 1e-2, dead if ghost else None, "seed")
+        loss, _, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead if ghost else None, "seed")
         loss.backward()
-        assert (f[:, dead] == 0).all()
+        assert (fires[dead] == 0).all()
         for grad in (sae.W_enc.grad[:, dead], sae.b_enc.grad[dead], sae.W_dec.grad[dead]):
             assert (grad.abs().sum() > 0) == ghost
     # Through the training step: with the flag off, forced-dead features stay exactly as they were.
@@ -679,3 +684,117 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert len(err.strip().splitlines()) == 1
     checkpoint = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
     assert all(torch.isfinite(v.float()).all() for k, v in checkpoint.items() if k != "generator")
+
+# -----------------------------------------------------------------------------
+# The Triton kernels (kernels.py), under the interpreter: tiny shapes, none of them a multiple
+# of the 64 x 64 x 32 tile, with no dead features, some, and all.
+
+KERNEL_SHAPES = [(70, 50, 150), (1, 33, 65), (130, 96, 64)]  # B, d, m
+
+
+def dead_features(kind, m, g):
+    if kind == "none":
+        return torch.zeros(0, dtype=torch.long)
+    return torch.arange(m) if kind == "all" else torch.randperm(m, generator=g)[:m // 3].sort().values
+
+
+def slots(dead, m):
+    slot = torch.full((m,), -1, dtype=torch.int32)
+    slot[dead] = torch.arange(len(dead), dtype=torch.int32)
+    return slot
+
+
+def close(got, ref, tol):
+    """Relative error in the norm, against a float64 reference."""
+    return (got.double() - ref).norm() <= tol * ref.norm() + 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dead_kind", ["none", "some", "all"])
+def test_encode_kernel(dtype, shape, dead_kind):
+    B, d, m = shape
+    g = torch.Generator().manual_seed(B * d + m)
+    x_in = torch.randn(B, d, generator=g).to(dtype)
+    W = (torch.randn(d, m, generator=g) / d ** 0.5).to(dtype)
+    b = 0.5 * torch.randn(m, generator=g)
+    l1w = 0.5 + torch.rand(m, generator=g)
+    dead = dead_features(dead_kind, m, g)
+    f_out = torch.full((B, m), float("nan"), dtype=dtype)  # poisoned: every element must be written
+    pd_out = torch.full((B, len(dead)), float("nan"))
+    f, l1, fires, pre_dead = kernels.encode(x_in, W, b, l1w, slots(dead, m), len(dead), f=f_out, pre_dead=pd_out)
+    pre = x_in.double() @ W.double() + b.double()  # float64, from the same (rounded) operands
+    f_ref = torch.relu(pre)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16 only in how f is stored
+    assert f is f_out and not f.isnan().any() and close(f, f_ref, tol)
+    assert close(l1, f_ref @ l1w.double(), 1e-6)  # summed from the fp32 accumulator
+    assert torch.equal(fires, (f_ref > 0).sum(0).int())
+    assert pre_dead is pd_out and not pre_dead.isnan().any() and close(pre_dead, pre[:, dead], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dead_kind", ["none", "some", "all"])
+def test_pre_grad_kernel(dtype, shape, dead_kind):
+    B, d, m = shape
+    g = torch.Generator().manual_seed(B * d + m + 1)
+    d_x_hat = torch.randn(B, d, generator=g).to(dtype)
+    W_dec = (torch.randn(m, d, generator=g) / d ** 0.5).to(dtype)
+    f = torch.relu(torch.randn(B, m, generator=g)).to(dtype)  # about half zero
+    d_l1 = torch.randn(B, generator=g)
+    l1w = 0.5 + torch.rand(m, generator=g)
+    dead = dead_features(dead_kind, m, g)
+    d_pre_dead = torch.randn(B, len(dead), generator=g)
+    out = torch.full((B, m), float("nan"), dtype=dtype)
+    d_pre = kernels.pre_grad(d_x_hat, W_dec, f, d_l1, l1w, slots(dead, m), d_pre_dead, d_pre=out)
+    ref = (d_x_hat.double() @ W_dec.double().T + d_l1.double()[:, None] * l1w.double()) * (f > 0)
+    ref[:, dead] += d_pre_dead.double()
+    assert d_pre is out and not d_pre.isnan().any()
+    assert close(d_pre, ref, 1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("convention", ["seed", "saelens"])
+@pytest.mark.parametrize("dead", [None, [3, 7, 20, 21], list(range(40))], ids=["no-dead", "dead", "all-dead"])
+def test_fused_step_matches_float64(convention, dead):
+    """The whole fused function, through the loss, in fp32: loss and every gradient."""
+    sae = random_sae()
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    dead_idx = None if dead is None else torch.tensor(dead)
+    loss, _, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention, impl="triton")
+    ref, errors = against_float64(sae, loss, x, dead_idx, convention)
+    assert abs(loss.item() - ref) < 1e-5 * abs(ref) and 0 < fires.sum() < 16 * 40
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_fused_step_in_fp16():
+    """Half-precision operands (what bf16 is on a GPU; the interpreter cannot do bf16 dots)."""
+    sae = random_sae(d=64, m=256)
+    x = 2 * torch.randn(128, 64, generator=torch.Generator().manual_seed(5))
+    dead = torch.arange(0, 256, 9)
+    with torch.autocast("cpu", torch.float16):
+        loss, _, _, _ = train_sae.sae_loss(sae, x, 1e-2, dead, "seed", impl="triton")
+    ref, errors = against_float64(sae, loss, x, dead, "seed")
+    assert abs(loss.item() - ref) < 1e-2 * abs(ref)
+    assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
+    assert max(errors.values()) < 1e-2, errors
+
+
+def test_training_steps_triton_equal_torch():
+    args = train_sae.p.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_window", "2"])
+    runs = {}
+    for impl in ("torch", "triton"):
+        args.kernels = impl
+        sae = random_sae(d=48, m=200)
+        with torch.no_grad():
+            sae.b_enc[:50] = -20  # dead from the start, so ghost grads join in after two steps
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        g = torch.Generator().manual_seed(0)
+        for step in range(5):
+            record = train_sae.train_step(t, torch.randn(96, 48, generator=g) + 1, step, args,
+                                          lambda: torch.autocast("cpu", enabled=False), True)
+        runs[impl] = t, record
+    (a, ra), (b, rb) = runs["torch"], runs["triton"]
+    assert rb["ghost"] > 0 and torch.equal(a.since_fired, b.since_fired) and torch.equal(a.fires, b.fires)
+    for name, param in a.sae.named_parameters():
+        assert close(b.sae.get_parameter(name).detach(), param.detach().double(), 1e-5), name
+    assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in ("mse", "l1", "ghost", "l0"))

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gpt2
+import kernels
 
 # -----------------------------------------------------------------------------
 # Every setting, with its default: Bloom's recipe, except where a comment says otherwise.
@@ -72,39 +73,17 @@ p.add_argument("--seed", type=int, default=0, help="seeds the SAE init, the data
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 p.add_argument("--precision", choices=["auto", "bf16", "tf32", "fp32"], default="auto",
                help="matmul precision; weights and Adam state stay fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+               help="the SAE step: fused Triton kernels or plain torch (auto: triton on CUDA, torch on CPU)")
 p.add_argument("--compile", action="store_true", help="torch.compile the GPT-2 forward")
 p.add_argument("--log_every", type=int, default=100, help="steps between progress lines")
 p.add_argument("--checkpoint_every", type=int, default=50_000_000, help="tokens between checkpoints")
 p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {gpt2.default_cache_dir()})")
 
 # -----------------------------------------------------------------------------
-# The SAE: x' = x - b_dec, f = act(x' W_enc + b_enc), x_hat = f W_dec + b_dec.
-
-def activation(pre):
-    """The one place that says what the features are; TopK variants replace this."""
-    return F.relu(pre)
-
-
-class Encode(torch.autograd.Function):
-    """pre = (x - b_dec) @ W_enc + b_enc  [B, m].
-    Plain autograd would send the gradient back into x - b_dec with a sixth B x m x d GEMM,
-    only to sum it over the batch for b_dec. The sum commutes with the product, so a
-    matrix-vector product does: grad b_dec = -W_enc @ sum_b grad pre_b. That leaves five GEMMs
-    per step: two forward, three backward."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec):
-        x_in = x - b_dec                      # [B, d]
-        ctx.save_for_backward(x_in, W_enc)
-        return torch.addmm(b_enc, x_in, W_enc)  # under autocast, a bf16 GEMM
-
-    @staticmethod
-    def backward(ctx, d_pre):                 # [B, m], bf16 under autocast
-        x_in, W_enc = (t.to(d_pre.dtype) for t in ctx.saved_tensors)  # GEMMs in the forward's precision
-        d_sum = d_pre.float().sum(0)          # [m], summed in fp32
-        # Gradients come back in d_pre's dtype; autograd casts them to the fp32 parameters'.
-        return None, x_in.T @ d_pre, d_sum, -(W_enc.float() @ d_sum)
-
+# The SAE: x' = x - b_dec, f = act(x' W_enc + b_enc), x_hat = f W_dec + b_dec. The training
+# forward and backward (five GEMMs, plus the elementwise work around them) are in kernels.py,
+# in plain torch and fused in Triton; this file holds what the loss does with their outputs.
 
 class SAE(nn.Module):
     def __init__(self, d, m, seed=0):
@@ -120,11 +99,10 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(W_dec)             # [m, d]
         self.b_dec = nn.Parameter(torch.zeros(d))    # [d]
 
-    def forward(self, x):                            # x [B, d]
-        pre = Encode.apply(x, self.W_enc, self.b_enc, self.b_dec)  # [B, m]
-        f = activation(pre)                                         # [B, m]
-        x_hat = torch.addmm(self.b_dec, f, self.W_dec)              # [B, d]
-        return pre, f, x_hat
+    def forward(self, x):                            # x [B, d], for inference
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc            # [B, m]
+        f = kernels.activation(pre)                                 # [B, m]
+        return pre, f, f @ self.W_dec + self.b_dec                  # x_hat [B, d]
 
 
 def mse(pred, target, x, convention):
@@ -140,23 +118,26 @@ def mse(pred, target, x, convention):
     return err.sum(1).mean()
 
 
-def sae_loss(sae, x, l1_coef, dead=None, convention="seed"):
-    """loss, its parts (detached) and the features, for a batch x [B, d] (fp32).
-    dead: indices of dead features, which get ghost gradients (Anthropic, Jan 2024)."""
-    pre, f, x_hat = sae(x)
+def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch"):
+    """loss, its parts (detached), each feature's firing count and x_hat, for a batch x [B, d]
+    (fp32). dead: indices of dead features, which get ghost gradients (Anthropic, Jan 2024).
+    impl: "torch" or "triton" (kernels.py)."""
+    dead = torch.zeros(0, dtype=torch.long, device=x.device) if dead is None else dead
+    # L1 = sum_i |f_i| w_i: f >= 0, so no abs. The seed: w = 1 (the rows have unit norm anyway);
+    # SAELens: w = the decoder row norms, so that shrinking f by growing W_dec does not pay.
+    l1_weights = torch.ones_like(sae.b_enc) if convention == "seed" else sae.W_dec.norm(dim=1)
+    x_hat, l1, pre_dead, fires = kernels.sae_forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec,
+                                                     l1_weights, dead, impl)
     x_hat = x_hat.float()
     mse_loss = mse(x_hat, x, x, convention)
-    if convention == "seed":
-        l1_loss = l1_coef * f.float().sum(1).mean()  # f >= 0, so sum |f| = sum f
-    else:
-        l1_loss = l1_coef * (f.float() @ sae.W_dec.norm(dim=1)).mean()
+    l1_loss = l1_coef * l1.mean()
     ghost_loss = torch.zeros((), device=x.device)
-    if dead is not None and len(dead):
+    if len(dead):
         # What the dead features would add, were they exp(pre) instead of relu(pre), aimed at
         # the residual the live features leave. Only its direction matters: the norm is set
         # to half the residual's, and the whole term is rescaled to the size of the MSE.
         r = (x - x_hat).detach()                                        # [B, d]
-        pre_dead = pre[:, dead].float()                                 # [B, n_dead]
+        pre_dead = pre_dead.float()                                     # [B, n_dead]: pre[:, dead]
         # exp(pre - c_b) for a constant c_b per token changes g_b by a factor that the rescale
         # below divides out again, value and gradient alike; with c_b = the row's max, exp
         # neither underflows (pre = -100 is common for long-dead features) nor overflows.
@@ -166,7 +147,7 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed"):
         ghost_loss = ghost_mse * (mse_loss / ghost_mse).detach()  # a scalar rescale: its value is the MSE's
     loss = mse_loss + l1_loss + ghost_loss
     parts = {"mse": mse_loss.detach(), "l1": l1_loss.detach(), "ghost": ghost_loss.detach()}
-    return loss, parts, f, x_hat
+    return loss, parts, fires, x_hat
 
 
 @torch.no_grad()
@@ -383,7 +364,7 @@ def train_step(t, x, step, args, autocast, log):
         group["lr"] = lr
     dead = torch.nonzero(t.since_fired >= args.dead_window).squeeze(1) if args.ghost_grads else None
     with autocast():
-        loss, parts, f, x_hat = sae_loss(t.sae, x, l1, dead, args.loss)
+        loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.loss == "seed":
@@ -394,9 +375,8 @@ def train_step(t, x, step, args, autocast, log):
     if args.loss == "seed":
         normalize_decoder(t.sae)
     with torch.no_grad():
-        fired = torch.count_nonzero(f, dim=0)                             # [m]: one pass over f
-        t.since_fired = torch.where(fired > 0, 0, t.since_fired + 1)
-        t.fires += fired
+        t.since_fired = torch.where(fires > 0, 0, t.since_fired + 1)   # fires [m]: tokens each fired on
+        t.fires += fires
         if (step + 1) % args.density_window == 0:
             t.density, t.fires = t.fires / (args.density_window * len(x)), torch.zeros_like(t.fires)
         if not log:
@@ -404,7 +384,7 @@ def train_step(t, x, step, args, autocast, log):
         x_hat, total = x_hat.float(), x - x.mean(0)
         explained = 1 - (x - x_hat).pow(2).sum(1) / total.pow(2).sum(1)  # the seed's per-token form
         record = {k: v.item() for k, v in parts.items()}
-        return {**record, "loss": loss.item(), "l0": torch.count_nonzero(f, dim=1).float().mean().item(),
+        return {**record, "loss": loss.item(), "l0": fires.sum().item() / len(x),
                 "explained_variance": explained.mean().item(),
                 "dead_pct": 100 * (t.since_fired >= args.dead_window).float().mean().item(), "lr": lr}
 
@@ -443,6 +423,13 @@ def settings_for_resume(args):
     # The run continues as it began; only where it runs may change, and the folder may have moved.
     saved.resume, saved.out, saved.device = args.resume, args.resume, args.device
     return saved
+
+
+def resolve_kernels(args):
+    if args.kernels == "auto":
+        args.kernels = "triton" if args.device.startswith("cuda") else "torch"
+    if args.kernels == "triton" and not args.device.startswith("cuda") and not kernels.INTERPRET:
+        raise ValueError("--kernels triton on CPU: expected a CUDA device (or TRITON_INTERPRET=1, for tests)")
 
 
 def make_autocast(args):
@@ -493,6 +480,7 @@ def check_args(args):
 
 def train(args):
     layers = check_args(args)
+    resolve_kernels(args)
     half = args.buffer // 2
     if not args.resume:
         check_run_folder(args)
