@@ -12,7 +12,8 @@ Sections:
 - step: one SAE training step (forward, backward, Adam, decoder constraint) at d 768, m 24,576.
   On CPU, fp32, batch 1,024, against SAELens's StandardTrainingSAE step on identical
   activations (SAELens lives in a separate environment, never beside this project). On CUDA,
-  batch 4,096, bf16 / tf32 / fp32, against the five-GEMM floor.
+  batch 4,096: the fused encoder against eager torch and a bare torch.mm; the whole step with
+  the Triton kernels and with torch, bf16 / tf32 / fp32, against the five-GEMM floor.
 - train: end-to-end `train_sae.py` tokens/s for --layer 9 and --layer all (CUDA).
 - precision: the metrics of short bf16 runs beside fp32 ones, two seeds each, on a known sparse
   dictionary (full width on CUDA; small on CPU, where autocast runs the same code).
@@ -136,10 +137,10 @@ def cpu_against_transformers():
           ["output", "ours tokens/s", "transformers tokens/s", "speed-up"], rows)
 
 
-def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0):
+def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0, kernels="torch"):
     """Median time of one train_sae.train_step on fixed activations (torch.manual_seed(0))."""
     targs = train_sae.p.parse_args(["--batch", str(batch), "--loss", loss, "--clip_grad", str(clip),
-                                    "--precision", precision, "--device", device])
+                                    "--precision", precision, "--device", device, "--kernels", kernels])
     torch.manual_seed(0)
     x = torch.randn(batch, D).to(device)
     sae = train_sae.SAE(D, M).to(device)
@@ -180,7 +181,10 @@ def cpu_step():
     if args.saelens_python:
         import subprocess
         code = SAELENS_STEP.format(batch=batch, d=D, m=M, reps=args.step_reps)
-        r = subprocess.run([args.saelens_python, "-c", code], capture_output=True, text=True)
+        # From a folder of its own: transformers looks for Hugging Face's `kernels` package and
+        # would find our kernels.py on the path.
+        with tempfile.TemporaryDirectory() as elsewhere:
+            r = subprocess.run([args.saelens_python, "-c", code], capture_output=True, text=True, cwd=elsewhere)
         if r.returncode:
             print(f"\n(SAELens step failed: {r.stderr.strip().splitlines()[-1]})")
         else:
@@ -195,18 +199,56 @@ def cpu_step():
           f"({gflop:.0f} GFLOP in five GEMMs; SAELens does six)", ["step", "seconds", "time vs SAELens"], rows)
 
 
+def bf16_peak():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192 ** 3 / median_seconds(lambda: a @ a, 10, True)  # measured, not the datasheet's
+
+
+def cuda_encoder():
+    """The fused encoder (GEMM (1) and its epilogue) against the same work in eager torch, and
+    against a bare GEMM of the same shape, which does none of the epilogue."""
+    import kernels
+    batch, bf16 = 4096, torch.bfloat16
+    x_in = torch.randn(batch, D, device="cuda", dtype=bf16)
+    W = (torch.randn(D, M, device="cuda") / D ** 0.5).to(bf16)
+    b = 0.1 * torch.randn(M, device="cuda")
+    l1w = torch.ones(M, device="cuda")
+    dead = torch.arange(0, M, 50, device="cuda")  # 2% dead
+    slot = torch.full((M,), -1, dtype=torch.int32, device="cuda")
+    slot[dead] = torch.arange(len(dead), dtype=torch.int32, device="cuda")
+
+    def eager():
+        pre = torch.addmm(b.to(bf16), x_in, W)
+        f = torch.relu(pre)
+        return f, f.float() @ l1w, torch.count_nonzero(f, dim=0), pre[:, dead].float()
+
+    f_ref, l1_ref, fires_ref, pd_ref = eager()
+    f, l1, fires, pd = kernels.encode(x_in, W, b, l1w, slot, len(dead))
+    assert torch.equal(fires, fires_ref.int()) or (fires - fires_ref).abs().max() <= 2  # bf16 ties at 0
+    assert (f.float() - f_ref.float()).norm() < 1e-2 * f_ref.float().norm()
+    assert (l1 - l1_ref).norm() < 1e-2 * l1_ref.norm() and (pd - pd_ref).norm() < 1e-2 * pd_ref.norm()
+    peak, flop = bf16_peak(), 2 * batch * D * M
+    rows = []
+    for name, fn in [("bare torch.mm (no epilogue)", lambda: x_in @ W), ("eager torch", eager),
+                     ("fused Triton", lambda: kernels.encode(x_in, W, b, l1w, slot, len(dead)))]:
+        s = median_seconds(fn, args.reps, True)
+        rows.append([name, f"{s * 1e3:.3f}", f"{flop / s / 1e12:.0f}", f"{100 * flop / s / peak:.0f}%"])
+    table(f"Encoder forward, bf16, {batch} x {D} x {M:,}, 2% of features dead, {torch.cuda.get_device_name()} "
+          f"(bf16 peak measured: {peak / 1e12:.0f} TFLOP/s)", ["encoder", "ms", "TFLOP/s", "% of peak"], rows)
+
+
 def cuda_step():
     batch = 4096
     floor_flop = 5 * 2 * batch * D * M
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    peak = 2 * 8192 ** 3 / median_seconds(lambda: a @ a, 10, True)
+    peak = bf16_peak()
     rows = []
-    for precision in ("bf16", "tf32", "fp32"):
-        s = ours_step_seconds("cuda", batch, args.reps, "seed", precision)
-        rows.append([precision, f"{s * 1e3:.2f}", f"{floor_flop / s / 1e12:.0f}", f"{100 * floor_flop / s / peak:.0f}%"])
+    for kernels, precision in (("triton", "bf16"), ("torch", "bf16"), ("triton", "tf32"), ("torch", "fp32")):
+        s = ours_step_seconds("cuda", batch, args.reps, "seed", precision, kernels=kernels)
+        rows.append([kernels, precision, f"{s * 1e3:.2f}", f"{floor_flop / s / 1e12:.0f}",
+                     f"{100 * floor_flop / s / peak:.0f}%"])
     table(f"SAE training step on {torch.cuda.get_device_name()}, batch {batch}, d {D}, m {M:,}: "
           f"{floor_flop / 1e9:.0f} GFLOP, floor {floor_flop / peak * 1e3:.2f} ms at the measured bf16 peak "
-          f"{peak / 1e12:.0f} TFLOP/s", ["precision", "ms", "TFLOP/s", "% of peak"], rows)
+          f"{peak / 1e12:.0f} TFLOP/s", ["kernels", "precision", "ms", "TFLOP/s", "% of peak"], rows)
 
 
 def cuda_train():
@@ -278,6 +320,7 @@ if "gpt2" in sections:
     cpu_against_transformers()
 if "step" in sections:
     if torch.cuda.is_available():
+        cuda_encoder()
         cuda_step()
     cpu_step()
 if "train" in sections and torch.cuda.is_available():

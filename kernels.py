@@ -167,8 +167,9 @@ def dot_flags(dtype, precision):
 
 def encode(x_in, W_enc, b_enc, l1_weights, slot, n_dead, precision="ieee", f=None, pre_dead=None):
     """(1) and its epilogue. x_in [B, d] and W_enc [d, m] in the matmul dtype; b_enc, l1_weights
-    [m] fp32; slot [m] int32. Returns f [B, m] (matmul dtype), l1 [B] fp32, fires [m] int32,
-    pre_dead [B, n_dead] fp32. f and pre_dead may be passed in (the tests poison them)."""
+    [m] fp32; slot [m] int32; all row-major and contiguous. Returns f [B, m] (matmul dtype),
+    l1 [B] fp32, fires [m] int32, pre_dead [B, n_dead] fp32. f and pre_dead may be passed in
+    (the tests poison them)."""
     B, d = x_in.shape
     m = W_enc.shape[1]
     f = torch.empty(B, m, device=x_in.device, dtype=x_in.dtype) if f is None else f
@@ -236,6 +237,8 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead, impl="torch", d
     autocast state (or `dtype`) and rounds fp32 dots to TF32 when torch's matmuls would."""
     if impl == "torch":
         return sae_forward_torch(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead)
+    if impl != "triton":
+        raise ValueError(f"impl {impl!r}: expected 'torch' or 'triton'")
     device = x.device.type
     if dtype is None:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
