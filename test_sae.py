@@ -491,7 +491,7 @@ def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
     assert (sae.W_dec.grad.double() - expected).abs().max() < 1e-6
     assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
     # One whole optimizer step keeps every row at unit norm.
-    args = train_sae.p.parse_args(["--d_sae", "40", "--lr", "1e-2", "--lr_warmup", "1"])
+    args = train_sae.p.parse_args(["--d_sae", "40", "--lr", "1e-2", "--lr_warmup", "1", "--kernels", "torch"])
     t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-2), "cpu")
     before = sae.W_dec.detach().clone()
     train_sae.train_step(t, torch.randn(32, 12), 0, args, lambda: torch.autocast("cpu", enabled=False), False)
@@ -536,7 +536,7 @@ def test_ghost_grads_reach_dead_features_only_when_on():
         sae = random_sae()
         with torch.no_grad():
             sae.b_enc[dead] = -100
-        args = train_sae.p.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_window", "3",
+        args = train_sae.p.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_window", "3", "--kernels", "torch",
                                        "--ghost_grads" if ghost else "--no-ghost_grads"])
         t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
         before = sae.W_enc[:, dead].detach().clone()
