@@ -115,14 +115,15 @@ class GPT(nn.Module):
     def forward(self, idx, layer=None, replace=None):
         """Logits [B, T, vocab]. With `layer` and `replace`, the residual at that layer is
         swapped for replace(residual) before the rest of the model reads it (splicing)."""
-        if layer is not None:
-            check_layers([layer], self.cfg.n_layer)
-        x = self.embed(idx)
-        for L in range(self.cfg.n_layer + 1):
-            if L == layer:
-                x = replace(x)
-            if L < self.cfg.n_layer:
-                x = self.h[L](x)
+        if layer is None:
+            return self.logits_from(self.embed(idx), 0)
+        return self.logits_from(replace(self.residuals(idx, [layer])[layer]), layer)
+
+    def logits_from(self, x, layer):
+        """Logits [B, T, vocab] from the residual x [B, T, d] at `layer`: the blocks from there
+        on, ln_f and the unembedding. With residuals(), one clean forward serves many splices."""
+        for block in self.h[layer:]:
+            x = block(x)
         return self.lm_head(self.ln_f(x))
 
     def token_losses(self, idx, layer=None, replace=None):
@@ -162,11 +163,11 @@ def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2_sae")
 
 
-def progress(label, done, total, t0):
-    """One self-overwriting status line on stderr."""
+def progress(label, done, total, t0, unit="MB"):
+    """One self-overwriting status line on stderr; counts in millions of `unit`'s base."""
     rate = done / max(time.time() - t0, 1e-9)
-    of = f"/{total / 1e6:,.0f} MB ({100 * done / total:.0f}%)" if total else " MB"
-    print(f"\r{label}: {done / 1e6:,.0f}{of} at {rate / 1e6:.1f} MB/s ", end="", file=sys.stderr, flush=True)
+    of = f"/{total / 1e6:,.1f} {unit} ({100 * done / total:.0f}%)" if total else f" {unit}"
+    print(f"\r{label}: {done / 1e6:,.1f}{of} at {rate / 1e6:.2f} {unit}/s ", end="", file=sys.stderr, flush=True)
 
 
 def download(url, path, size=None, sha256=None, retries=5):

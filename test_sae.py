@@ -10,6 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when kernels are defined: before tr
 
 import http.server
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,6 +387,9 @@ def run_cli(*args, cache):
     (["train_sae.py", "--layer", "3,4", "--activations", "a.npy"], "error: --layer 3,4: expected one layer"),
     (["train_sae.py", "--activations", "{tmp}/missing.npy", "--out", "{tmp}/run"], "error: activations file not found"),
     (["train_sae.py", "--resume", "{tmp}/nothing"], "error: no run to resume in"),
+    (["eval.py", "{tmp}/nothing"], "error: no such folder"),
+    (["eval.py", "{tmp}"], "no SAE in it (expected cfg.json, or folders blocks.L.hook_resid_pre/)"),
+    (["eval.py", "{tmp}", "--tokens", "0"], "error: --tokens 0: expected a positive number"),
     (["gpt2.py", "--data", "{tmp}/latin1.txt"], "not UTF-8 text"),
     (["gpt2.py", "--data", "{tmp}/empty.txt"], "error: empty corpus"),
     (["train_sae.py", "--data", "{tmp}/empty.txt", "--out", "{tmp}/run"], "error: empty corpus"),
@@ -798,3 +802,186 @@ def test_training_steps_triton_equal_torch():
     for name, param in a.sae.named_parameters():
         assert close(b.sae.get_parameter(name).detach(), param.detach().double(), 1e-5), name
     assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in ("mse", "l1", "ghost", "l0"))
+
+# -----------------------------------------------------------------------------
+# Evaluation (eval.py)
+
+import eval as evaluation  # noqa: E402  ("eval" would shadow the builtin)
+
+
+def write_sae_folder(folder, weights, layer, center, apply_b_dec=True):
+    """A SAELens-format folder written by hand, with the flat pre-6.0 cfg.json of Bloom's releases."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, "sae_weights.safetensors"))
+    d, m = weights["W_enc"].shape
+    cfg = {"architecture": "standard", "d_in": d, "d_sae": m, "activation_fn_str": "relu", "activation_fn_kwargs": {},
+           "apply_b_dec_to_input": apply_b_dec, "finetuning_scaling_factor": False, "context_size": 16,
+           "model_name": "gpt2", "hook_name": f"blocks.{layer}.hook_resid_pre", "hook_layer": layer,
+           "hook_head_index": None, "prepend_bos": True, "dataset_path": "Skylion007/openwebtext",
+           "normalize_activations": "none", "dtype": "float32", "device": "cpu",
+           "model_from_pretrained_kwargs": {"center_writing_weights": center}}
+    with open(os.path.join(folder, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    return folder
+
+
+def eval_args(tiny, *folders, tokens=10 ** 6):
+    return [*map(str, folders), "--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--batch", "7",
+            "--tokens", str(tokens), "--device", "cpu"]
+
+
+def reference_metrics(tiny, weights, layer, center, apply_b_dec=True):
+    """Every metric in float64, from the formulas, on the same held-out contexts."""
+    model = gpt2.from_pretrained(tiny[0]).double()
+    idx = gpt2.Contexts(gpt2.corpus(tiny[1], "eval", 16), 16).next(10 ** 6)          # all held-out contexts
+    W = {k: v.double() for k, v in weights.items()}
+    with torch.no_grad():
+        resid = model.residuals(idx, [layer])[layer]                                   # [n, T, d]
+        mean = resid.mean(-1, keepdim=True) if center else torch.zeros_like(resid[..., :1])
+        x = resid - mean
+        f = torch.relu((x - W["b_dec"] * apply_b_dec) @ W["W_enc"] + W["b_enc"])
+        x_hat = f @ W["W_dec"] + W["b_dec"]
+        ce = lambda logits: torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), idx[:, 1:], reduction="none")
+        clean, spliced = model.logits_from(resid, layer), model.logits_from(x_hat + mean, layer)
+        zeroed = model.logits_from(torch.zeros_like(resid), layer)
+        ce_clean, ce_sae, ce_zero = ce(clean).mean().item(), ce(spliced).mean().item(), ce(zeroed).mean().item()
+        lp, lq = clean[:, :-1].log_softmax(-1), spliced[:, :-1].log_softmax(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    x, x_hat, f = x.flatten(0, 1), x_hat.flatten(0, 1), f.flatten(0, 1)
+    err, spread = (x - x_hat).pow(2).sum(1), (x - x.mean(0)).pow(2).sum(1)
+    return {"explained_variance": (1 - err / spread).mean().item(), "explained_variance_pooled": 1 - (err.sum() / spread.sum()).item(),
+            "mse": (x - x_hat).pow(2).mean().item(), "l1": f.sum(1).mean().item(), "l0": (f > 0).sum(1).double().mean().item(),
+            "cos": torch.nn.functional.cosine_similarity(x, x_hat, dim=1).mean().item(),
+            "norm_ratio": (x_hat.norm(dim=1) / x.norm(dim=1)).mean().item(),
+            "alive_pct": 100 * (f > 0).any(0).double().mean().item(), "dead": int((~(f > 0).any(0)).sum()),
+            "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero,
+            "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean), "kl": kl, "tokens": idx.numel()}
+
+
+def random_sae_weights(d, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(d, m, generator=g) / d ** 0.5, "b_enc": -0.5 * torch.rand(m, generator=g),
+            "W_dec": torch.randn(m, d, generator=g) / d ** 0.5, "b_dec": 0.1 * torch.randn(d, generator=g)}
+
+
+@pytest.mark.parametrize("center, apply_b_dec", [(True, True), (False, True), (True, False)],
+                         ids=["bloom-style-centred", "uncentred", "b_dec-not-subtracted"])
+def test_eval_metrics_match_float64(tiny, tmp_path, center, apply_b_dec):
+    weights = random_sae_weights(64, 96, seed=3)
+    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", weights, 2, center, apply_b_dec)
+    evaluation.main(eval_args(tiny, folder))
+    got = json.load(open(folder / "eval.json"))
+    ref = reference_metrics(tiny, weights, 2, center, apply_b_dec)
+    assert got["tokens"] == ref["tokens"] and got["dead"] == ref["dead"] and got["centered_input"] == center
+    # CE recovered divides by CE_zero - CE_clean, a few thousandths on a random model, so its
+    # float32 error is amplified: its parts are checked against float64, the ratio against them.
+    for key, value in ref.items():
+        if key != "ce_recovered":
+            assert abs(got[key] - value) <= 1e-4 * max(1.0, abs(value)), (key, got[key], value)
+    assert got["ce_recovered"] == pytest.approx((got["ce_zero"] - got["ce_sae"]) / (got["ce_zero"] - got["ce_clean"]))
+    assert 0 < ref["dead"] < 96 and ref["kl"] > 1e-4  # a real test: some features dead, the splice not free
+
+
+def test_eval_closed_form_cases(tiny, tmp_path):
+    d = 64
+    eye = torch.eye(d)
+    identity = {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),  # f = [relu(x), relu(-x)]
+                "W_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d)}           # x_hat = relu(x) - relu(-x) = x
+    zero = {**identity, "W_dec": torch.zeros(2 * d, d)}
+    run = tmp_path / "run"
+    write_sae_folder(run / "blocks.1.hook_resid_pre", identity, 1, center=True)
+    write_sae_folder(run / "blocks.2.hook_resid_pre", zero, 2, center=False)
+    evaluation.main(eval_args(tiny, run))
+    ident = json.load(open(run / "blocks.1.hook_resid_pre" / "eval.json"))
+    assert abs(ident["explained_variance"] - 1) < 1e-6 and abs(ident["explained_variance_pooled"] - 1) < 1e-6
+    assert abs(ident["ce_recovered"] - 1) < 1e-4 and abs(ident["kl"]) < 1e-6 and abs(ident["cos"] - 1) < 1e-6
+    zeroed = json.load(open(run / "blocks.2.hook_resid_pre" / "eval.json"))
+    assert abs(zeroed["ce_recovered"]) < 1e-6 and zeroed["ce_sae"] == pytest.approx(zeroed["ce_zero"], abs=1e-6)
+    assert abs(zeroed["explained_variance_pooled"]) < 0.05 and zeroed["cos"] == 0
+
+
+def test_eval_reads_our_training_output(tiny, tmp_path):
+    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "0,2"))
+    saes = evaluation.main(eval_args(tiny, tmp_path / "run", tokens=64))
+    assert [s["layer"] for s in saes] == [0, 2] and all(s["center"] for s in saes)
+    for layer in (0, 2):
+        result = json.load(open(tmp_path / "run" / f"blocks.{layer}.hook_resid_pre" / "eval.json"))
+        assert result["tokens"] == 64 and result["hook_name"] == f"blocks.{layer}.hook_resid_pre"
+        assert sum(result["density_histogram"]["counts"]) == 64  # every feature in one bin
+
+
+PLANTED_TOKEN = 23748  # " hello"
+
+
+@pytest.fixture(scope="module")
+def planted(tiny, tmp_path_factory):
+    """A GPT-2 whose embedding of one token is large along a direction u, a token stream in
+    which that token is common, and an SAE at blocks.0.hook_resid_pre whose feature 5 reads u
+    with a threshold that only that token clears."""
+    folder = tmp_path_factory.mktemp("planted")
+    weights = load_file(tiny[0])
+    u = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    u /= u.norm()
+    weights["transformer.wte.weight"][PLANTED_TOKEN] = 5 * u
+    save_file(weights, str(folder / "model.safetensors"))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 50000, 40_000)
+    tokens[rng.random(40_000) < 0.05] = PLANTED_TOKEN
+    gpt2.write_shard(str(folder / "tokens.bin"), tokens.astype(np.uint16))
+    sae = random_sae_weights(64, 32, seed=4)
+    sae["W_enc"][:, 5], sae["b_enc"][5], sae["b_dec"][:] = u, -2.5, 0
+    write_sae_folder(folder / "blocks.0.hook_resid_pre", sae, 0, center=False)
+    return str(folder / "model.safetensors"), str(folder / "tokens.bin"), folder / "blocks.0.hook_resid_pre"
+
+
+def dashboard_data(folder):
+    html = open(folder / "dashboard.html", encoding="utf-8").read()
+    start = html.index("const DATA = ") + len("const DATA = ")
+    return json.loads(html[start:html.index(";\n", start)])
+
+
+def test_dashboard_shows_a_planted_feature(planted):
+    weights, tokens, folder = planted
+    evaluation.main([str(folder), "--weights", weights, "--data", tokens, "--ctx", "16", "--tokens", "100000",
+                     "--device", "cpu", "--dashboard", "--features", "5,6", "--top", "6"])
+    data = dashboard_data(folder)
+    assert sorted(data["features"]) == ["5", "6"] and len(data["density"]) == 32
+    f5 = data["features"]["5"]
+    assert 0.03 < f5["density"] < 0.08 and len(f5["top"]) == 6  # fires on the planted token only
+    for c in f5["top"] + [e for iv in f5["intervals"] for e in iv["examples"]]:
+        peak = max(range(len(c["acts"])), key=c["acts"].__getitem__)
+        assert c["tokens"][peak] == " hello" and c["acts"][peak] > 0
+        assert all(a == 0 for t, a in zip(c["tokens"], c["acts"]) if t != " hello")
+    assert sum(f5["hist"]) == pytest.approx(f5["density"] * data["tokens"])
+    assert [s for s, _ in f5["similar"]] and len(f5["up"]) == len(f5["down"]) == 10
+
+
+def chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    import warnings
+    warnings.warn("NO CHROMIUM: the dashboard's browser test is SKIPPED (.ci/run installs Debian's chromium)")
+    pytest.skip("no Chromium on this machine: install Debian's chromium (.ci/run does)")
+
+
+def test_dashboard_opens_in_a_browser_without_errors(planted, tmp_path):
+    """Headless Chromium renders the page (the JavaScript builds the DOM), with no console message."""
+    browser = chromium()
+    _, _, folder = planted
+    if not (folder / "dashboard.html").exists():
+        test_dashboard_shows_a_planted_feature(planted)
+    url = (folder / "dashboard.html").as_uri()
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                        "--virtual-time-budget=5000", "--dump-dom", url + "#f=5"],
+                       capture_output=True, text=True, timeout=120)
+    console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+    assert r.returncode == 0 and not console, console or r.stderr[-2000:]
+    dom = r.stdout
+    assert "<h2>Feature 5</h2>" in dom and 'class="tok peak"' in dom
+    peaks = dom.split('class="tok peak"')[1:]
+    assert peaks and all(p.split(">", 1)[1].startswith(" hello<") for p in peaks)  # the peak token of every example
+    assert dom.count("<tr") == 1 + 32 and "page 1 of 1" in dom  # the index: a header and one row per feature

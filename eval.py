@@ -1,0 +1,463 @@
+"""
+Evaluate SAEs on held-out tokens: the table of Bloom's Feb 2024 post, and feature dashboards.
+
+    python eval.py runs/L9                           # every SAE in the run; eval.json beside each
+    python eval.py runs/Lall --tokens 500000
+    python eval.py path/to/blocks.9.hook_resid_pre   # any SAELens-format folder, Bloom's included
+    python eval.py runs/L9 --dashboard               # and dashboard.html beside each SAE
+
+Every SAE is evaluated on the same held-out contexts (FineWeb's validation shard, or the
+held-out end of local token files), disjoint from the training stream. Two passes: the first
+finds the mean residual x_bar of the evaluation set and each feature's firing count and largest
+activation; the second computes the metrics, with the SAE spliced into GPT-2, and collects the
+dashboards' examples. The formulas are in the README.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import gpt2
+import train_sae
+
+p = argparse.ArgumentParser(description="Evaluate SAEs on GPT-2 small's residual stream.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("folders", nargs="+", help="run folders (holding blocks.L.hook_resid_pre/) or SAE folders")
+p.add_argument("--tokens", type=int, default=2_000_000, help="held-out tokens to evaluate on")
+p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
+p.add_argument("--batch", type=int, default=32, help="contexts per forward")
+p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
+p.add_argument("--weights", default=None, help="local GPT-2 model.safetensors (default: download OpenAI's)")
+p.add_argument("--dashboard", action="store_true", help="also write dashboard.html beside each SAE")
+p.add_argument("--features", default=None, help="features for the dashboard, comma-separated (default: a sample)")
+p.add_argument("--n_features", type=int, default=20, help="random alive features in the dashboard, besides the 5 most frequent")
+p.add_argument("--top", type=int, default=12, help="top-activating contexts per dashboard feature")
+p.add_argument("--seed", type=int, default=0, help="seeds the dashboard's choice of features and examples")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {gpt2.default_cache_dir()})")
+
+# -----------------------------------------------------------------------------
+# SAE folders in SAELens's format: ours, or anyone's standard ReLU SAE on a resid_pre hook.
+
+def find_sae_folders(paths):
+    folders = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "cfg.json")):
+            folders.append(path)
+        elif os.path.isdir(path):
+            subs = sorted((s for s in os.listdir(path) if os.path.isfile(os.path.join(path, s, "cfg.json"))),
+                          key=lambda s: (len(s), s))  # blocks.2 before blocks.10
+            if not subs:
+                raise ValueError(f"{path}: no SAE in it (expected cfg.json, or folders blocks.L.hook_resid_pre/)")
+            folders += [os.path.join(path, s) for s in subs]
+        else:
+            raise FileNotFoundError(f"no such folder: {path}")
+    return folders
+
+
+def load_sae(folder, d_model):
+    """(SAE, its layer, whether it reads centred residuals) from a SAELens-format folder."""
+    with open(os.path.join(folder, "cfg.json")) as f:
+        cfg = json.load(f)
+    expect = {"architecture": "standard", "activation_fn_str": "relu", "normalize_activations": "none"}
+    for key, want in expect.items():
+        if cfg.get(key, want) != want:
+            raise ValueError(f"{folder}: cfg.json has {key} {cfg[key]!r}, expected {want!r}")
+    hook = cfg.get("hook_name", "")
+    parts = hook.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_pre" or not parts[1].isdigit():
+        raise ValueError(f"{folder}: hook_name {hook!r}, expected blocks.L.hook_resid_pre")
+    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        if key not in w:
+            raise ValueError(f"{folder}: sae_weights.safetensors has no {key}")
+    d, m = w["W_enc"].shape
+    if d != d_model or w["W_dec"].shape != (m, d) or w["b_enc"].shape != (m,) or w["b_dec"].shape != (d,):
+        raise ValueError(f"{folder}: weights of shapes {[list(w[k].shape) for k in ('W_enc', 'b_enc', 'W_dec', 'b_dec')]}, "
+                         f"expected [{d_model}, m], [m], [m, {d_model}], [{d_model}]")
+    sae = train_sae.SAE(d, m)
+    w = {k: w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if not cfg.get("apply_b_dec_to_input", True):  # x W_enc + b_enc == (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
+    sae.load_state_dict(w)
+    center = bool((cfg.get("model_from_pretrained_kwargs") or {}).get("center_writing_weights", False))
+    return sae.eval(), int(parts[1]), center
+
+
+def sae_input(x, center):
+    """The residual as the SAE reads it, and what to add back to its reconstruction. TransformerLens's
+    center_writing_weights made every residual zero-mean over d_model; adding the mean back
+    changes nothing downstream (each LayerNorm removes it) but keeps the splice exact."""
+    mean = x.mean(-1, keepdim=True) if center else torch.zeros_like(x[..., :1])
+    return x - mean, mean
+
+# -----------------------------------------------------------------------------
+# The two passes over the held-out contexts.
+
+def held_out_batches(args, label):
+    """The same contexts on every call: [batch, ctx] token ids, --tokens of them in all."""
+    data = args.data if args.data == "fineweb" else args.data.split(",")
+    stream = gpt2.Contexts(gpt2.corpus(data, "eval", args.ctx, args.cache_dir), args.ctx)
+    done, t0, shown = 0, time.time(), 0.0
+    while done < args.tokens:
+        idx = stream.next(min(args.batch, math.ceil((args.tokens - done) / args.ctx)))
+        if len(idx) == 0:
+            break  # the held-out split is smaller than asked
+        done += idx.numel()
+        yield idx.to(args.device)
+        if time.time() - shown > 1:
+            gpt2.progress(label, done, args.tokens, t0, unit="M tokens")
+            shown = time.time()
+    gpt2.progress(label, done, args.tokens, t0, unit="M tokens")
+    print(file=sys.stderr)
+
+
+@torch.no_grad()
+def first_pass(model, saes, args):
+    """Per SAE: the mean SAE input over the evaluation set, and each feature's firing count
+    and largest activation."""
+    layers = sorted({s["layer"] for s in saes})
+    for s in saes:
+        m = s["sae"].b_enc.shape[0]
+        s.update(x_sum=torch.zeros(model.cfg.n_embd, dtype=torch.float64, device=args.device), n=0,
+                 fires=torch.zeros(m, dtype=torch.long, device=args.device), max_act=torch.zeros(m, device=args.device))
+    for idx in held_out_batches(args, "eval pass 1 of 2 (means, firing counts)"):
+        resid = model.residuals(idx, layers)
+        for s in saes:
+            x, _ = sae_input(resid[s["layer"]].flatten(0, 1), s["center"])  # [tokens, d]
+            _, f, _ = s["sae"](x)
+            s["x_sum"] += x.double().sum(0)
+            s["n"] += len(x)
+            s["fires"] += torch.count_nonzero(f, dim=0)
+            s["max_act"] = torch.maximum(s["max_act"], f.max(0).values)
+    for s in saes:
+        s["x_mean"] = (s["x_sum"] / s["n"]).float()
+
+
+@torch.no_grad()
+def second_pass(model, saes, args):
+    """Per SAE: the sums behind every metric, and (with --dashboard) the examples."""
+    layers = sorted({s["layer"] for s in saes})
+    keys = ("n", "sse", "sst", "ev_token", "l1", "l0", "cos", "norm_ratio", "n_pred", "ce_clean", "ce_sae", "ce_zero", "kl")
+    for s in saes:
+        s["sums"] = dict.fromkeys(keys, 0.0)
+    for idx in held_out_batches(args, "eval pass 2 of 2 (metrics, examples)"):
+        resid = model.residuals(idx, layers)                                    # {L: [b, T, d]}
+        clean = model.logits_from(resid[layers[-1]], layers[-1])                # [b, T, vocab]
+        log_p_clean = F.log_softmax(clean[:, :-1].float(), -1)                  # [b, T-1, vocab]
+        target = idx[:, 1:]
+        zeroed = {L: token_ce(model.logits_from(torch.zeros_like(resid[L]), L), target) for L in layers}
+        for s in saes:
+            L, sums = s["layer"], s["sums"]
+            x, mean = sae_input(resid[L], s["center"])                          # [b, T, d]
+            _, f, x_hat = s["sae"](x)
+            logits = model.logits_from(x_hat + mean, L)
+            x, x_hat, f = x.flatten(0, 1).double(), x_hat.flatten(0, 1).double(), f.flatten(0, 1)
+            err = (x - x_hat).pow(2).sum(1)                                      # [tokens]
+            spread = (x - s["x_mean"].double()).pow(2).sum(1)                    # ||x_b - x_bar||^2
+            log_p = F.log_softmax(logits[:, :-1].float(), -1)
+            sums["n"] += len(x)
+            sums["sse"] += err.sum().item()
+            sums["sst"] += spread.sum().item()
+            sums["ev_token"] += (1 - err / spread).sum().item()
+            sums["l1"] += f.double().sum().item()
+            sums["l0"] += torch.count_nonzero(f).item()
+            sums["cos"] += F.cosine_similarity(x, x_hat, dim=1).sum().item()
+            sums["norm_ratio"] += (x_hat.norm(dim=1) / x.norm(dim=1)).sum().item()
+            sums["n_pred"] += target.numel()
+            sums["ce_clean"] += token_ce(clean, target).sum().item()
+            sums["ce_sae"] += token_ce(logits, target).sum().item()
+            sums["ce_zero"] += zeroed[L].sum().item()
+            sums["kl"] += (log_p_clean.exp() * (log_p_clean - log_p)).sum().item()
+            if "dash" in s:
+                collect_examples(s["dash"], idx, f.view(*idx.shape, -1), args)
+
+
+def token_ce(logits, target):
+    """Next-token cross-entropy of each prediction [b, T-1]."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, reduction="none")
+
+
+def metrics(s):
+    """The metrics from one SAE's sums (formulas in the README)."""
+    t, fires = s["sums"], s["fires"].cpu()
+    density = fires.double() / s["n"]
+    hist, edges = np.histogram(np.log10(density.numpy() + 1e-10), bins=20, range=(-10, 0))
+    return {
+        "layer": s["layer"], "hook_name": f"blocks.{s['layer']}.hook_resid_pre", "d_sae": len(fires),
+        "tokens": int(t["n"]),
+        "explained_variance": t["ev_token"] / t["n"],             # the seed's per-token form
+        "explained_variance_pooled": 1 - t["sse"] / t["sst"],
+        "mse": t["sse"] / (t["n"] * len(s["x_mean"])),
+        "l1": t["l1"] / t["n"], "l0": t["l0"] / t["n"],
+        "cos": t["cos"] / t["n"], "norm_ratio": t["norm_ratio"] / t["n"],
+        "alive_pct": 100 * (fires > 0).double().mean().item(), "dead": int((fires == 0).sum()),
+        "ce_clean": t["ce_clean"] / t["n_pred"], "ce_sae": t["ce_sae"] / t["n_pred"], "ce_zero": t["ce_zero"] / t["n_pred"],
+        "ce_recovered": (t["ce_zero"] - t["ce_sae"]) / (t["ce_zero"] - t["ce_clean"]),
+        "kl": t["kl"] / t["n_pred"],
+        "density_histogram": {"log10_edges": edges.tolist(), "counts": hist.tolist()},
+        "centered_input": s["center"],
+    }
+
+# -----------------------------------------------------------------------------
+# Dashboards: the examples, collected in the second pass, and one self-contained HTML file.
+
+INTERVALS = (0.0, 0.2, 0.4, 0.6, 0.8)  # example contexts whose peak falls in (a, b] of the max
+
+
+def choose_features(s, args):
+    m = len(s["fires"])
+    if args.features:
+        chosen = [int(i) for i in args.features.split(",")]
+        bad = [i for i in chosen if not 0 <= i < m]
+        if bad:
+            raise ValueError(f"--features {bad[0]}: expected 0..{m - 1}")
+        return chosen
+    g = torch.Generator().manual_seed(args.seed)
+    alive = torch.nonzero(s["fires"].cpu() > 0).squeeze(1)
+    sample = alive[torch.randperm(len(alive), generator=g)[:args.n_features]].tolist()
+    frequent = torch.argsort(s["fires"].cpu(), descending=True)[:5].tolist()
+    return sorted(set(sample + frequent))
+
+
+def start_examples(s, args):
+    k, T, dev = len(s["chosen"]), args.ctx, args.device
+    s["dash"] = {
+        "features": torch.tensor(s["chosen"], device=dev),
+        "max": s["max_act"][s["chosen"]],
+        "hist": torch.zeros(k, 40, device=dev),  # activation values, 40 bins from 0 to the max
+        # kept contexts: key [k, n] (lower is kept), token ids [k, n, T], activations [k, n, T]
+        "top": [torch.full((k, args.top), math.inf, device=dev), torch.zeros(k, args.top, T, dtype=torch.long, device=dev),
+                torch.zeros(k, args.top, T, device=dev)],
+        "intervals": [[torch.full((k, 4), math.inf, device=dev), torch.zeros(k, 4, T, dtype=torch.long, device=dev),
+                       torch.zeros(k, 4, T, device=dev)] for _ in INTERVALS],
+        "generator": torch.Generator(dev).manual_seed(args.seed),
+    }
+
+
+def keep_lowest(kept, key, idx, acts):
+    """Merge candidates (key [c, k], ids [c, T], acts [c, T, k]) into kept, keeping the lowest keys."""
+    k_key, k_ids, k_acts = kept
+    n = k_key.shape[1]
+    all_key = torch.cat([k_key, key.T], 1)                                            # [k, n + c]
+    all_ids = torch.cat([k_ids, idx[None].expand(len(k_key), -1, -1)], 1)             # [k, n + c, T]
+    all_acts = torch.cat([k_acts, acts.permute(2, 0, 1)], 1)                          # [k, n + c, T]
+    order = all_key.argsort(1)[:, :n]
+    pick = lambda t: torch.gather(t, 1, order[..., None].expand(-1, -1, t.shape[2]) if t.dim() == 3 else order)
+    kept[:] = [torch.gather(all_key, 1, order), pick(all_ids), pick(all_acts)]
+
+
+def collect_examples(dash, idx, f, args):
+    """f [b, T, m]: keep the top contexts of each chosen feature, random ones from each
+    activation interval, and the histogram of its activations."""
+    acts = f[..., dash["features"]].float()                                          # [b, T, k]
+    peak = acts.max(1).values                                                         # [b, k]
+    keep_lowest(dash["top"], torch.where(peak > 0, -peak, math.inf), idx, acts)      # highest peaks
+    frac = peak / dash["max"].clamp_min(1e-12)
+    for (lo, hi), kept in zip(zip(INTERVALS, INTERVALS[1:] + (1.0,)), dash["intervals"]):
+        inside = (frac > lo) & (frac <= hi) & (peak > 0)
+        key = torch.rand(peak.shape, generator=dash["generator"], device=peak.device)
+        keep_lowest(kept, torch.where(inside, key, math.inf), idx, acts)              # a uniform sample
+    scaled = (acts / dash["max"].clamp_min(1e-12) * 40).clamp(max=39.999).long()      # bin of each value
+    fired = acts > 0
+    for j in range(acts.shape[-1]):
+        dash["hist"][j] += torch.bincount(scaled[..., j][fired[..., j]], minlength=40).float()
+
+
+def dashboard_data(s, model, enc):
+    dash, W_dec = s["dash"], s["sae"].W_dec
+    unit = W_dec / W_dec.norm(dim=1, keepdim=True)
+    tok = lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
+
+    def contexts(kept, j):
+        key, ids, acts = (t[j].cpu() for t in kept)
+        return [{"tokens": [tok(t) for t in ids[i].tolist()], "acts": [round(a, 3) for a in acts[i].tolist()]}
+                for i in range(len(key)) if math.isfinite(key[i])]
+
+    features = {}
+    for j, i in enumerate(s["chosen"]):
+        effect = W_dec[i] @ model.wte.weight.T                                        # [vocab]: W_dec[i] . W_U
+        up, down = effect.topk(10), (-effect).topk(10)
+        sims = (unit @ unit[i]).cpu()
+        sims[i] = -2
+        similar = sims.topk(8)
+        features[i] = {
+            "density": s["fires"][i].item() / s["n"], "max": s["max_act"][i].item(),
+            "hist": dash["hist"][j].tolist(),
+            "up": [[tok(t), round(v, 3)] for v, t in zip(up.values.tolist(), up.indices.tolist())],
+            "down": [[tok(t), round(-v, 3)] for v, t in zip(down.values.tolist(), down.indices.tolist())],
+            "similar": [[int(t), round(v, 3)] for v, t in zip(similar.values.tolist(), similar.indices.tolist())],
+            "top": contexts(dash["top"], j),
+            "intervals": [{"from": lo, "to": hi, "examples": contexts(kept, j)}
+                          for (lo, hi), kept in zip(zip(INTERVALS, INTERVALS[1:] + (1.0,)), dash["intervals"])],
+        }
+    return {"name": s["folder"], "layer": s["layer"], "tokens": s["n"],
+            "density": [round(v, 7) for v in (s["fires"].double() / s["n"]).tolist()],
+            "max": [round(v, 3) for v in s["max_act"].tolist()], "features": features}
+
+
+def write_dashboard(path, data):
+    html = DASHBOARD.replace("__DATA__", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(html)
+    os.replace(path + ".tmp", path)
+
+
+DASHBOARD = r"""<!doctype html>
+<html><head><meta charset="utf-8"><title>SAE features</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
+table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: right; }
+tr.detail td:first-child a { font-weight: bold; }
+.ctx { font: 12px ui-monospace, monospace; white-space: pre-wrap; margin: 3px 0; padding: 3px; border-bottom: 1px solid #eee; }
+.tok { border-radius: 2px; } .tok.peak { outline: 1px solid #b00; }
+.cols { display: flex; gap: 3em; flex-wrap: wrap; }
+.bar { display: inline-block; width: 8px; background: #47a; vertical-align: bottom; margin-right: 1px; }
+.muted { color: #888; } #search { width: 6em; }
+</style></head><body>
+<h1 id="title"></h1>
+<p>Find feature <input id="search" type="number" min="0"> <button id="go">show</button>
+<span id="note" class="muted"></span></p>
+<div id="feature"></div>
+<h2>All features</h2>
+<p><button id="prev">&larr;</button> <span id="page"></span> <button id="next">&rarr;</button>
+<span class="muted">bold: has a full dashboard; density = fraction of tokens it fires on</span></p>
+<table><thead><tr><th>feature</th><th>log10 density</th><th>max activation</th></tr></thead><tbody id="index"></tbody></table>
+<script>
+const DATA = __DATA__;
+const PAGE = 100;
+let page = 0;
+const el = (tag, attrs = {}, text = "") => { const e = document.createElement(tag); Object.assign(e, attrs); e.textContent = text; return e; };
+const log10 = d => d > 0 ? Math.log10(d).toFixed(2) : "dead";
+
+function renderIndex() {
+  const body = document.getElementById("index"); body.replaceChildren();
+  const n = DATA.density.length, pages = Math.ceil(n / PAGE);
+  for (let i = page * PAGE; i < Math.min(n, (page + 1) * PAGE); i++) {
+    const tr = el("tr", {className: DATA.features[i] ? "detail" : ""});
+    const td = el("td"); td.append(el("a", {href: "#f=" + i}, String(i))); tr.append(td);
+    tr.append(el("td", {}, log10(DATA.density[i])), el("td", {}, DATA.max[i].toFixed(3)));
+    body.append(tr);
+  }
+  document.getElementById("page").textContent = `page ${page + 1} of ${pages}`;
+}
+
+function context(c, peakShade) {
+  const div = el("div", {className: "ctx"});
+  const top = Math.max(...c.acts), at = c.acts.indexOf(top);
+  const from = Math.max(0, at - 40), to = Math.min(c.tokens.length, at + 10);
+  if (from > 0) div.append(el("span", {className: "muted"}, "… "));
+  for (let t = from; t < to; t++) {
+    const a = c.acts[t], alpha = peakShade > 0 ? Math.min(1, a / peakShade) : 0;
+    const s = el("span", {className: "tok" + (t === at ? " peak" : ""), title: a.toFixed(3)}, c.tokens[t]);
+    if (a > 0) s.style.background = `rgba(255, 120, 0, ${alpha.toFixed(3)})`;
+    div.append(s);
+  }
+  return div;
+}
+
+function renderFeature(i) {
+  const box = document.getElementById("feature"); box.replaceChildren();
+  const note = document.getElementById("note"); note.textContent = "";
+  if (!(i >= 0 && i < DATA.density.length)) { note.textContent = `no feature ${i}`; return; }
+  const f = DATA.features[i];
+  box.append(el("h2", {}, `Feature ${i}`));
+  box.append(el("p", {}, `density ${DATA.density[i].toExponential(3)} (log10 ${log10(DATA.density[i])}), max activation ${DATA.max[i].toFixed(3)}`));
+  if (!f) { note.textContent = `feature ${i} has no full dashboard: rerun with --features ${i}`; return; }
+  const cols = el("div", {className: "cols"});
+  const hist = el("div"); hist.append(el("h3", {}, "Activations (nonzero), 0 to max"));
+  const hmax = Math.max(1, ...f.hist), bars = el("div", {style: "height: 80px"});
+  f.hist.forEach(c => bars.append(el("span", {className: "bar", title: String(c), style: `height: ${Math.round(80 * c / hmax)}px`})));
+  hist.append(bars); cols.append(hist);
+  for (const [name, list] of [["Raises the logits of", f.up], ["Lowers the logits of", f.down]]) {
+    const d = el("div"); d.append(el("h3", {}, name));
+    list.forEach(([t, v]) => d.append(el("div", {className: "ctx"}, `${JSON.stringify(t)}  ${v}`)));
+    cols.append(d);
+  }
+  const sim = el("div"); sim.append(el("h3", {}, "Closest decoder directions"));
+  f.similar.forEach(([j, v]) => { const d = el("div"); d.append(el("a", {href: "#f=" + j}, String(j)), el("span", {}, `  cos ${v}`)); sim.append(d); });
+  cols.append(sim); box.append(cols);
+  box.append(el("h3", {}, "Top activations"));
+  f.top.forEach(c => box.append(context(c, f.max)));
+  for (const iv of f.intervals.slice().reverse()) {
+    if (!iv.examples.length) continue;
+    box.append(el("h3", {}, `Peak activation in (${iv.from}, ${iv.to}] of the max`));
+    iv.examples.forEach(c => box.append(context(c, f.max)));
+  }
+}
+
+function route() {
+  const m = location.hash.match(/^#f=(\d+)$/);
+  if (m) { const i = Number(m[1]); page = Math.floor(i / PAGE); renderIndex(); renderFeature(i); }
+}
+document.getElementById("title").textContent = `${DATA.name}: layer ${DATA.layer}, ${DATA.density.length} features, ${DATA.tokens} tokens`;
+document.getElementById("prev").onclick = () => { page = Math.max(0, page - 1); renderIndex(); };
+document.getElementById("next").onclick = () => { page = Math.min(Math.ceil(DATA.density.length / PAGE) - 1, page + 1); renderIndex(); };
+document.getElementById("go").onclick = () => { location.hash = "f=" + document.getElementById("search").value; };
+window.addEventListener("hashchange", route);
+renderIndex();
+if (location.hash) route(); else { const first = Object.keys(DATA.features)[0]; if (first !== undefined) renderFeature(Number(first)); }
+</script></body></html>
+"""
+
+# -----------------------------------------------------------------------------
+
+COLUMNS = [("layer", "layer", "{}"), ("explained_variance", "var. expl.", "{:.2%}"), ("l1", "L1", "{:.2f}"),
+           ("l0", "L0", "{:.2f}"), ("alive_pct", "% alive", "{:.1f}%"), ("ce_sae", "recon. CE", "{:.3f}"),
+           ("ce_clean", "clean CE", "{:.3f}"), ("ce_zero", "zero CE", "{:.3f}"), ("ce_recovered", "CE recov.", "{:.2%}"),
+           ("kl", "KL", "{:.4f}"), ("explained_variance_pooled", "var. expl. pooled", "{:.2%}"),
+           ("mse", "MSE", "{:.4g}"), ("cos", "cos", "{:.4f}"), ("norm_ratio", "|x_hat|/|x|", "{:.3f}"), ("dead", "dead", "{}")]
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    for flag in ("tokens", "ctx", "batch", "top"):
+        if getattr(args, flag) < (2 if flag == "ctx" else 1):
+            raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
+    folders = find_sae_folders(args.folders)
+    model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
+    saes = []
+    for folder in folders:
+        sae, layer, center = load_sae(folder, model.cfg.n_embd)
+        gpt2.check_layers([layer], model.cfg.n_layer)
+        saes.append({"folder": folder, "sae": sae.to(args.device), "layer": layer, "center": center})
+    first_pass(model, saes, args)
+    if args.dashboard:
+        for s in saes:
+            s["chosen"] = choose_features(s, args)
+            start_examples(s, args)
+    second_pass(model, saes, args)
+    rows = []
+    for s in saes:
+        result = metrics(s)
+        result["settings"] = {"tokens": args.tokens, "ctx": args.ctx, "data": args.data}
+        with open(os.path.join(s["folder"], "eval.json.tmp"), "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(os.path.join(s["folder"], "eval.json.tmp"), os.path.join(s["folder"], "eval.json"))
+        rows.append([fmt.format(result[key]) for key, _, fmt in COLUMNS])
+        if args.dashboard:
+            import tiktoken
+            write_dashboard(os.path.join(s["folder"], "dashboard.html"), dashboard_data(s, model, tiktoken.get_encoding("gpt2")))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (_, h, _) in enumerate(COLUMNS)]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, widths)))
+    for r in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    print(f"({saes[0]['n']:,} held-out tokens; eval.json{' and dashboard.html' if args.dashboard else ''} "
+          f"written beside each SAE)")
+    return saes
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
