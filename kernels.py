@@ -78,6 +78,27 @@ def sae_forward_torch(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead):
 # columns are features, and the loop runs over d in steps of BK.
 
 @triton.jit
+def tile_product(a_ptr, stride_a, b_ptr, stride_bk, stride_bn, rows, cols, B, d, m,
+                 FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """acc [BM, BN] = A[rows, :] @ Bm[:, cols] in fp32, for A [B, d] row-major and Bm [d, m]
+    at b_ptr + k * stride_bk + col * stride_bn (so a transpose is read in place)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, d, BK):
+        k = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + k[None, :], mask=(rows[:, None] < B) & (k[None, :] < d), other=0.0)
+        b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=(k[:, None] < d) & (cols[None, :] < m), other=0.0)
+        if UPCAST:  # the interpreter multiplies bf16 bit patterns wrongly; never on a GPU
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if FP32_DOT:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def encode_kernel(x_ptr, w_ptr, b_ptr, l1w_ptr, slot_ptr, f_ptr, l1_ptr, fires_ptr, pre_dead_ptr,
                   B, d, m, stride_x, stride_w, stride_f, stride_pd,
                   HAS_DEAD: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -85,17 +106,8 @@ def encode_kernel(x_ptr, w_ptr, b_ptr, l1w_ptr, slot_ptr, f_ptr, l1_ptr, fires_p
     rows = tl.program_id(0) * BM + tl.arange(0, BM)      # tokens
     cols = tl.program_id(1) * BN + tl.arange(0, BN)      # features
     row_in, col_in = rows < B, cols < m
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, d, BK):
-        k = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :], mask=row_in[:, None] & (k[None, :] < d), other=0.0)
-        w = tl.load(w_ptr + k[:, None] * stride_w + cols[None, :], mask=(k[:, None] < d) & col_in[None, :], other=0.0)
-        if UPCAST:  # the interpreter multiplies bf16 bit patterns wrongly; never on a GPU
-            x, w = x.to(tl.float32), w.to(tl.float32)
-        if FP32_DOT:
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, w, acc)
+    acc = tile_product(x_ptr, stride_x, w_ptr, stride_w, 1, rows, cols, B, d, m,
+                       FP32_DOT, PRECISION, UPCAST, BM, BN, BK)                      # (x_in W_enc) tile
     # The epilogue: everything the step needs from pre, read off the accumulator.
     pre = acc + tl.load(b_ptr + cols, mask=col_in, other=0.0)[None, :]
     inside = row_in[:, None] & col_in[None, :]
@@ -118,18 +130,8 @@ def pre_grad_kernel(dxh_ptr, wdec_ptr, f_ptr, dl1_ptr, l1w_ptr, slot_ptr, dpd_pt
     rows = tl.program_id(0) * BM + tl.arange(0, BM)      # tokens
     cols = tl.program_id(1) * BN + tl.arange(0, BN)      # features
     row_in, col_in = rows < B, cols < m
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, d, BK):
-        k = k0 + tl.arange(0, BK)
-        g = tl.load(dxh_ptr + rows[:, None] * stride_dxh + k[None, :], mask=row_in[:, None] & (k[None, :] < d), other=0.0)
-        # W_dec is [m, d]; its transpose's [BK, BN] tile, read in place.
-        wt = tl.load(wdec_ptr + cols[None, :] * stride_wdec + k[:, None], mask=(k[:, None] < d) & col_in[None, :], other=0.0)
-        if UPCAST:
-            g, wt = g.to(tl.float32), wt.to(tl.float32)
-        if FP32_DOT:
-            acc = tl.dot(g, wt, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(g, wt, acc)
+    acc = tile_product(dxh_ptr, stride_dxh, wdec_ptr, 1, stride_wdec, rows, cols, B, d, m,
+                       FP32_DOT, PRECISION, UPCAST, BM, BN, BK)                      # (d_x_hat W_dec^T) tile
     # The epilogue: d f = acc plus the L1 term's gradient, through the ReLU, plus ghost grads.
     inside = row_in[:, None] & col_in[None, :]
     dl1 = tl.load(dl1_ptr + rows, mask=row_in, other=0.0)
