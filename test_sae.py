@@ -648,7 +648,7 @@ def run_train(args, signal_after_checkpoint=None):
                             stderr=subprocess.PIPE, text=True)
     if signal_after_checkpoint:
         out = args[args.index("--out") + 1]
-        while not os.path.exists(os.path.join(out, "checkpoint.safetensors")):
+        while not os.path.exists(os.path.join(out, "checkpoint.json")):
             assert proc.poll() is None, "the run ended before its first checkpoint"
             time.sleep(0.005)
         proc.send_signal(signal_after_checkpoint)
@@ -674,7 +674,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how):
         assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
     logged = [(r["step"], r["layer"]) for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl"))]
     assert logged == [(s, layer) for s in range(4, 201, 4) for layer in (0, 2)]  # none twice, none lost
-    assert not os.path.exists(tmp_path / "cut" / "checkpoint.safetensors")  # spent once the SAEs are saved
+    assert not [n for n in os.listdir(tmp_path / "cut") if n.startswith(("ckpt-", "checkpoint"))]  # spent
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -686,7 +686,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
                            "--log_every", "1", "--checkpoint_every", "256", "--device", "cpu"])
     assert code == 1 and "loss is nan" in err and "last good checkpoint is kept" in err, err
     assert len(err.strip().splitlines()) == 1
-    checkpoint = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    step = json.load(open(tmp_path / "run" / "checkpoint.json"))["step"]
+    checkpoint = load_file(str(tmp_path / "run" / f"ckpt-{step:09d}-rank0.safetensors"))
     assert all(torch.isfinite(v.float()).all() for k, v in checkpoint.items() if k != "generator")
 
 # -----------------------------------------------------------------------------

@@ -24,9 +24,11 @@ import shutil
 import signal
 import sys
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -79,6 +81,10 @@ p.add_argument("--compile", action="store_true", help="torch.compile the GPT-2 f
 p.add_argument("--log_every", type=int, default=100, help="steps between progress lines")
 p.add_argument("--checkpoint_every", type=int, default=50_000_000, help="tokens between checkpoints")
 p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {gpt2.default_cache_dir()})")
+p.add_argument("--parallel", choices=["auto", "layers", "data"], default="auto",
+               help="under torchrun: each rank trains its own layers' SAEs, or every rank a slice of every "
+                    "batch (auto: layers when there are at least as many layers as ranks)")
+p.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank waits for the others before giving up")
 
 # -----------------------------------------------------------------------------
 # The SAE: x' = x - b_dec, f = act(x' W_enc + b_enc), x_hat = f W_dec + b_dec. The training
@@ -118,10 +124,11 @@ def mse(pred, target, x, convention):
     return err.sum(1).mean()
 
 
-def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch"):
+def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch", batch_mean=lambda t: t):
     """loss, its parts (detached), each feature's firing count and x_hat, for a batch x [B, d]
     (fp32). dead: indices of dead features, which get ghost gradients (Anthropic, Jan 2024).
-    impl: "torch" or "triton" (kernels.py)."""
+    impl: "torch" or "triton" (kernels.py). batch_mean: turns a mean over this rank's slice of
+    the batch into the mean over the whole batch (data-parallel training)."""
     dead = torch.zeros(0, dtype=torch.long, device=x.device) if dead is None else dead
     # L1 = sum_i |f_i| w_i: f >= 0, so no abs. The seed: w = 1 (the rows have unit norm anyway);
     # SAELens: w = the decoder row norms, so that shrinking f by growing W_dec does not pay.
@@ -144,7 +151,8 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch"):
         g = torch.exp(pre_dead - pre_dead.max(1, keepdim=True).values.detach()) @ sae.W_dec[dead]  # [B, d]
         g = g * (r.norm(dim=1, keepdim=True) / (2 * g.norm(dim=1, keepdim=True))).detach()
         ghost_mse = mse(g, r, x, convention)
-        ghost_loss = ghost_mse * (mse_loss / ghost_mse).detach()  # a scalar rescale: its value is the MSE's
+        scale = batch_mean(mse_loss.detach()) / batch_mean(ghost_mse.detach())
+        ghost_loss = ghost_mse * scale  # a scalar rescale: its value is the MSE's
     loss = mse_loss + l1_loss + ghost_loss
     parts = {"mse": mse_loss.detach(), "l1": l1_loss.detach(), "ghost": ghost_loss.detach()}
     return loss, parts, fires, x_hat
@@ -180,30 +188,93 @@ def geometric_median(x, iters=100, tol=1e-5):
     return y
 
 # -----------------------------------------------------------------------------
+# Several processes (torchrun). Every rank reads the same token stream but runs GPT-2 on its
+# share of the contexts only; the residuals are all-gathered, so every rank holds the buffer a
+# single process would, and shuffles it with the same generator. Then, with --parallel layers,
+# each rank trains its own layers' SAEs on whole batches; with --parallel data, every rank
+# trains every SAE on its slice of each batch, and gradients, firing counts and the ghost-grad
+# scale are averaged, so that the copies stay identical. Either way the SAEs equal a single
+# process's. With one process, every function here does nothing.
+
+RANK, WORLD = 0, 1
+
+
+def start_distributed(args):
+    global RANK, WORLD
+    WORLD = int(os.environ.get("WORLD_SIZE", 1))
+    if WORLD == 1:
+        return
+    RANK = int(os.environ["RANK"])
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                            timeout=timedelta(seconds=args.dist_timeout))
+
+
+def all_sum(t):
+    if WORLD > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_mean(t):
+    return all_sum(t.clone()) / WORLD
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is true on any: the ranks must decide to stop together."""
+    return all_sum(torch.tensor([float(bool(flag))], device=device)).item() > 0
+
+
+def gather_rows(x):
+    """Every rank's x, concatenated in rank order."""
+    if WORLD == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def split_work(layers, args):
+    """The layers whose SAEs this rank trains, and whether each SAE is shared by all ranks."""
+    if args.parallel == "auto":
+        args.parallel = "layers" if 1 < WORLD <= len(layers) else "data"
+    if args.parallel == "layers" and WORLD > len(layers):
+        raise ValueError(f"--parallel layers with {WORLD} ranks: expected at most one rank per layer ({len(layers)})")
+    if args.parallel == "data" and args.batch % WORLD:
+        raise ValueError(f"--batch {args.batch}: expected a multiple of the {WORLD} ranks for --parallel data")
+    return layers[RANK::WORLD] if args.parallel == "layers" else layers, args.parallel == "data" and WORLD > 1
+
+# -----------------------------------------------------------------------------
 # Activations: residuals from GPT-2 forwards (or a cached file), as [n, layers, d] rows.
 
 class ResidualSource:
-    """The next n residual vectors at each of `layers`, from GPT-2 forwards over a token stream.
-    One forward, stopped at the deepest layer, serves every layer."""
+    """The next n residual vectors at each of `layers`, from GPT-2 forwards over a token stream,
+    keeping the layers in `keep`. One forward, stopped at the deepest layer, serves every layer."""
 
-    def __init__(self, model, stream, layers, batch, center, exclude_bos, autocast, device):
+    def __init__(self, model, stream, layers, keep, batch, center, exclude_bos, autocast, device):
         self.model, self.stream, self.layers, self.batch = model, stream, layers, batch
+        self.keep = [layers.index(L) for L in keep]
         self.center, self.exclude_bos, self.autocast, self.device = center, exclude_bos, autocast, device
         self.forward, self.d = model.residuals, model.cfg.n_embd
 
     @torch.no_grad()
     def next(self, n):
-        chunks, have = [], 0
-        while have < n:
-            idx = self.stream.next(self.batch).to(self.device)              # [batch, ctx]
+        per_context = self.stream.ctx - self.exclude_bos
+        n_ctx = math.ceil(n / per_context / self.batch) * self.batch  # whole GPT-2 batches
+        if n_ctx % WORLD:
+            raise ValueError(f"{n_ctx} contexts per refill do not split over {WORLD} ranks: change --gpt2_batch")
+        mine = self.stream.next(n_ctx).chunk(WORLD)[RANK].to(self.device)  # [n_ctx / WORLD, ctx]
+        chunks = []
+        for idx in mine.split(self.batch):
             with self.autocast():
                 resid = self.forward(idx, self.layers)                       # {L: [batch, ctx, d]}
             x = torch.stack([resid[L] for L in self.layers], dim=2).float()  # [batch, ctx, layers, d]
             if self.exclude_bos:
                 x = x[:, 1:]
             chunks.append(x.reshape(-1, *x.shape[2:]))                      # [batch * ctx, layers, d]
-            have += len(chunks[-1])
-        x = torch.cat(chunks)[:n]                                             # [n, layers, d]
+        x = gather_rows(torch.cat(chunks))[:n, self.keep]                    # [n, kept layers, d]
         return x - x.mean(-1, keepdim=True) if self.center else x
 
     def state_dict(self):
@@ -295,25 +366,42 @@ def save_sae(folder, sae, density, layer, args):
     replace_folder(tmp, folder)
 
 
-def save_checkpoint(run, trainees, kept, gen, source, step):
-    """One safetensors file: each SAE's weights, Adam moments and feature counters, the kept
-    half of the buffer, the shuffle generator; the step and the data position as metadata."""
-    tensors = {"buffer": kept.cpu().contiguous(), "generator": gen.get_state()}
-    for t in trainees:
-        for name, param in t.sae.named_parameters():
-            tensors[f"{t.layer}.{name}"] = param.detach().cpu()
-            for k, v in t.opt.state[param].items():  # step, exp_avg, exp_avg_sq (none before step 1)
-                tensors[f"{t.layer}.adam.{name}.{k}"] = v.cpu()
-        for k in ("since_fired", "fires", "density"):
-            tensors[f"{t.layer}.{k}"] = getattr(t, k).cpu()
-    meta = {"step": str(step), "source": json.dumps(source.state_dict())}
-    path = os.path.join(run, "checkpoint.safetensors")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
+def save_checkpoint(run, trainees, kept, gen, source, step, args):
+    """Each writing rank's file: its SAEs' weights, Adam moments and feature counters, its part
+    of the kept half-buffer, the shuffle generator; the step and the data position as metadata.
+    Then rank 0 commits them by naming their step in checkpoint.json, and only then deletes
+    older files: a kill at any moment leaves one complete checkpoint."""
+    if args.parallel == "layers" or RANK == 0:  # in data-parallel training the copies are identical
+        tensors = {"buffer": kept.cpu(), "generator": gen.get_state()}
+        for t in trainees:
+            for name, param in t.sae.named_parameters():
+                tensors[f"{t.layer}.{name}"] = param.detach().cpu()
+                for k, v in t.opt.state[param].items():  # step, exp_avg, exp_avg_sq (none before step 1)
+                    tensors[f"{t.layer}.adam.{name}.{k}"] = v.cpu()
+            for k in ("since_fired", "fires", "density"):
+                tensors[f"{t.layer}.{k}"] = getattr(t, k).cpu()
+        meta = {"step": str(step), "source": json.dumps(source.state_dict())}
+        path = os.path.join(run, f"ckpt-{step:09d}-rank{RANK}.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=meta)
+        os.replace(path + ".tmp", path)
+    if WORLD > 1:
+        dist.barrier()
+    if RANK == 0:
+        with open(os.path.join(run, "checkpoint.json.tmp"), "w") as f:
+            json.dump({"step": step, "ranks": WORLD, "parallel": args.parallel}, f)
+        os.replace(os.path.join(run, "checkpoint.json.tmp"), os.path.join(run, "checkpoint.json"))
+        for name in os.listdir(run):
+            if name.startswith("ckpt-") and not name.startswith(f"ckpt-{step:09d}-"):
+                os.remove(os.path.join(run, name))
 
 
-def load_checkpoint(run, trainees, gen, source, device):
-    path = os.path.join(run, "checkpoint.safetensors")
+def load_checkpoint(run, trainees, gen, source, args):
+    with open(os.path.join(run, "checkpoint.json")) as f:
+        saved = json.load(f)
+    if (saved["ranks"], saved["parallel"]) != (WORLD, args.parallel):
+        raise ValueError(f"{run} was checkpointed by {saved['ranks']} rank(s) in --parallel {saved['parallel']}, "
+                         f"expected {WORLD} in --parallel {args.parallel}: resume it as it ran")
+    path = os.path.join(run, f"ckpt-{saved['step']:09d}-rank{RANK if args.parallel == 'layers' else 0}.safetensors")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(path)
@@ -327,10 +415,10 @@ def load_checkpoint(run, trainees, gen, source, device):
                           if f"{t.layer}.adam.{name}.step" in tensors}
         t.opt.load_state_dict(state)
         for k in ("since_fired", "fires", "density"):
-            setattr(t, k, tensors[f"{t.layer}.{k}"].to(device))
+            setattr(t, k, tensors[f"{t.layer}.{k}"].to(args.device))
     gen.set_state(tensors["generator"])
     source.load_state_dict(json.loads(meta["source"]))
-    return tensors["buffer"].to(device), int(meta["step"])
+    return tensors["buffer"].to(args.device), int(meta["step"])
 
 # -----------------------------------------------------------------------------
 # Training
@@ -356,17 +444,23 @@ def lr_at(step, args):
     return args.lr
 
 
-def train_step(t, x, step, args, autocast, log):
-    """One optimizer step of one SAE on x [B, d]; returns the metrics when `log`."""
+def train_step(t, x, step, args, autocast, log, shared=False):
+    """One optimizer step of one SAE on x [B, d]; returns the metrics when `log`. shared: x is
+    this rank's slice of the batch, and every rank holds a copy of the SAE."""
+    batch_mean = all_mean if shared else (lambda v: v)
     lr = lr_at(step, args)
     l1 = args.l1 * min(1.0, (step + 1) / args.l1_warmup) if args.l1_warmup else args.l1
     for group in t.opt.param_groups:
         group["lr"] = lr
     dead = torch.nonzero(t.since_fired >= args.dead_window).squeeze(1) if args.ghost_grads else None
     with autocast():
-        loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels)
+        loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
+    if shared:  # the whole batch's gradient is the mean of the slices'; the counts, their sum
+        for param in t.sae.parameters():
+            all_sum(param.grad).div_(WORLD)
+        fires = all_sum(fires)
     if args.loss == "seed":
         remove_parallel_grad(t.sae)
     if args.clip_grad:
@@ -378,14 +472,14 @@ def train_step(t, x, step, args, autocast, log):
         t.since_fired = torch.where(fires > 0, 0, t.since_fired + 1)   # fires [m]: tokens each fired on
         t.fires += fires
         if (step + 1) % args.density_window == 0:
-            t.density, t.fires = t.fires / (args.density_window * len(x)), torch.zeros_like(t.fires)
+            t.density, t.fires = t.fires / (args.density_window * args.batch), torch.zeros_like(t.fires)
         if not log:
             return None
-        x_hat, total = x_hat.float(), x - x.mean(0)
+        x_hat, total = x_hat.float(), x - batch_mean(x.mean(0))
         explained = 1 - (x - x_hat).pow(2).sum(1) / total.pow(2).sum(1)  # the seed's per-token form
-        record = {k: v.item() for k, v in parts.items()}
-        return {**record, "loss": loss.item(), "l0": fires.sum().item() / len(x),
-                "explained_variance": explained.mean().item(),
+        record = {k: batch_mean(v).item() for k, v in parts.items()}
+        return {**record, "loss": batch_mean(loss.detach()).item(), "l0": fires.sum().item() / args.batch,
+                "explained_variance": batch_mean(explained.mean()).item(),
                 "dead_pct": 100 * (t.since_fired >= args.dead_window).float().mean().item(), "lr": lr}
 
 
@@ -393,7 +487,7 @@ def check_run_folder(args):
     """Refuse to overwrite a finished or unfinished run without --force."""
     run = args.out
     if os.path.exists(os.path.join(run, "run.json")) and not args.force:
-        if os.path.exists(os.path.join(run, "checkpoint.safetensors")):
+        if os.path.exists(os.path.join(run, "checkpoint.json")):
             raise ValueError(f"{run} holds an unfinished run: continue it with --resume {run}, or pass --force")
         if not any(name.startswith("blocks.") for name in os.listdir(run)):
             raise ValueError(f"{run} holds a run that stopped before its first checkpoint: pass --force to start over")
@@ -404,8 +498,8 @@ def start_run_folder(args):
     """Clear what an overwritten run left, and record this run's settings in run.json."""
     run = args.out
     os.makedirs(run, exist_ok=True)
-    for stale in ("checkpoint.safetensors", "log.jsonl"):
-        if os.path.exists(os.path.join(run, stale)):
+    for stale in os.listdir(run):
+        if stale in ("checkpoint.json", "log.jsonl") or stale.startswith("ckpt-"):
             os.remove(os.path.join(run, stale))
     with open(os.path.join(run, "run.json.tmp"), "w") as f:
         json.dump(vars(args), f, indent=2)
@@ -416,7 +510,7 @@ def settings_for_resume(args):
     path = os.path.join(args.resume, "run.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no run to resume in {args.resume} (expected {path})")
-    if not os.path.isfile(os.path.join(args.resume, "checkpoint.safetensors")):
+    if not os.path.isfile(os.path.join(args.resume, "checkpoint.json")):
         raise ValueError(f"{args.resume} has no checkpoint to resume from (finished, or stopped before the first)")
     with open(path) as f:
         saved = argparse.Namespace(**json.load(f))
@@ -440,15 +534,16 @@ def make_autocast(args):
     return lambda: torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16")
 
 
-def make_source(args, layers, autocast):
-    if args.activations:
+def make_source(args, layers, keep, autocast):
+    if args.activations:  # every rank reads the rows itself
         return FileSource(args.activations, args.center, args.device)
     data = args.data if args.data == "fineweb" else args.data.split(",")
     shards = gpt2.corpus(data, "train", args.ctx, args.cache_dir)
     gpt2.Contexts(shards, args.ctx, seed=args.seed).next(1)  # bad data fails now, not after loading the model
     stream = gpt2.Contexts(shards, args.ctx, seed=args.seed)
     model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
-    source = ResidualSource(model, stream, layers, args.gpt2_batch, args.center, args.exclude_bos, autocast, args.device)
+    source = ResidualSource(model, stream, layers, keep, args.gpt2_batch, args.center, args.exclude_bos,
+                            autocast, args.device)
     if args.compile:
         source.forward = torch.compile(model.residuals)
     return source
@@ -481,17 +576,18 @@ def check_args(args):
 def train(args):
     layers = check_args(args)
     resolve_kernels(args)
+    owned, shared = split_work(layers, args)
     half = args.buffer // 2
     if not args.resume:
         check_run_folder(args)
     autocast = make_autocast(args)
-    source = make_source(args, layers, autocast)
-    if not args.resume:
+    source = make_source(args, layers, owned, autocast)
+    if not args.resume and RANK == 0:
         start_run_folder(args)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     trainees = []
-    kept = None if args.resume else source.next(half)  # [half, layers, d]: the first half-buffer
-    for j, layer in enumerate(layers):
+    kept = None if args.resume else source.next(half)  # [half, owned layers, d]: the first half-buffer
+    for j, layer in enumerate(owned):
         # Seeded by layer, so that an SAE does not depend on which other layers train beside it.
         sae = SAE(source.d, args.d_sae, seed=args.seed * 1000 + layer).to(args.device)
         if kept is not None:
@@ -501,9 +597,10 @@ def train(args):
         trainees.append(Trainee(layer, sae, opt, args.device))
     step = 0
     if args.resume:
-        kept, step = load_checkpoint(args.out, trainees, gen, source, args.device)
-        keep_log_until(os.path.join(args.out, "log.jsonl"), step)
-        print(f"resumed {args.out} at step {step:,}", file=sys.stderr)
+        kept, step = load_checkpoint(args.out, trainees, gen, source, args)
+        if RANK == 0:
+            keep_log_until(os.path.join(args.out, "log.jsonl"), step)
+            print(f"resumed {args.out} at step {step:,}", file=sys.stderr)
 
     stop = []  # the signal that asked us to stop, if any
 
@@ -511,36 +608,40 @@ def train(args):
         if stop:  # asked twice: quit now, without a checkpoint
             raise KeyboardInterrupt
         stop.append(signum)
-        print("\nstopping at the end of this half-buffer, after a checkpoint (signal again to quit now)",
-              file=sys.stderr)
+        if RANK == 0:
+            print("\nstopping at the end of this half-buffer, after a checkpoint (signal again to quit now)",
+                  file=sys.stderr)
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run_steps(args, trainees, source, kept, gen, step, stop, autocast)
+        run_steps(args, trainees, source, kept, gen, step, stop, autocast, shared)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return trainees
 
 
-def run_steps(args, trainees, source, kept, gen, step, stop, autocast):
+def run_steps(args, trainees, source, kept, gen, step, stop, autocast, shared):
     """The loop: refill the buffer, serve its batches to every SAE, log, checkpoint; at the end
     write each SAE's folder."""
     half = args.buffer // 2
     total, per_half = args.tokens // args.batch, half // args.batch
     steps_per_checkpoint = max(1, args.checkpoint_every // args.batch)
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if RANK == 0 else None
     last_checkpoint, t0, step0 = step, time.time(), step
     while step < total:
         # Checkpoints and stops happen here, between refills, where the state is small: the
-        # kept half of the buffer, and no half-served batch to remember.
-        if stop or step - last_checkpoint >= steps_per_checkpoint:
-            check_finite(trainees, step)
-            save_checkpoint(args.out, trainees, kept, gen, source, step)
+        # kept half of the buffer, and no half-served batch to remember. All ranks agree.
+        stopping = any_rank(stop, args.device)
+        if stopping or step - last_checkpoint >= steps_per_checkpoint:
+            check_finite(trainees, step, args.device)
+            save_checkpoint(args.out, trainees, kept, gen, source, step, args)
             last_checkpoint = step
-            if stop:
-                print(f"stopped by signal {stop[0]} at step {step:,}; checkpoint saved. "
-                      f"Continue with: python train_sae.py --resume {args.out}", file=sys.stderr)
-                sys.exit(128 + stop[0])
+            if stopping:
+                signum = stop[0] if stop else signal.SIGTERM
+                if RANK == 0:
+                    print(f"stopped by signal {signum} at step {step:,}; checkpoint saved. "
+                          f"Continue with: python train_sae.py --resume {args.out}", file=sys.stderr)
+                sys.exit(128 + signum)
         # The seed's mixing buffer: the kept half and a fresh half, shuffled together; one half
         # is served as batches, the other kept for the next round.
         mixed = torch.cat([kept, source.next(half)])                               # [2 half, layers, d]
@@ -548,27 +649,45 @@ def run_steps(args, trainees, source, kept, gen, step, stop, autocast):
         kept, served = mixed[:half], mixed[half:]
         for i in range(min(per_half, total - step)):
             x = served[i * args.batch:(i + 1) * args.batch]                         # [batch, layers, d]
+            if shared:
+                x = x.chunk(WORLD)[RANK]                                            # this rank's slice
             logging = (step + 1) % args.log_every == 0 or step + 1 == total
-            records = [train_step(t, x[:, j], step, args, autocast, logging) for j, t in enumerate(trainees)]
+            records = [train_step(t, x[:, j], step, args, autocast, logging, shared) for j, t in enumerate(trainees)]
             step += 1
             if logging:
-                report(records, trainees, step, total, args, time.time() - t0, step - step0, log)
-    log.close()
-    check_finite(trainees, step)
-    for t in trainees:
-        density = t.density if step >= args.density_window else t.fires / (step * args.batch)
-        save_sae(os.path.join(args.out, hook_name(t.layer)), t.sae, density, t.layer, args)
-    if os.path.exists(os.path.join(args.out, "checkpoint.safetensors")):
-        os.remove(os.path.join(args.out, "checkpoint.safetensors"))  # the SAEs are saved; it is spent
-    print(f"done: {', '.join(os.path.join(args.out, hook_name(t.layer)) for t in trainees)}")
+                report(gather_records(trainees, records, args), step, total, args, time.time() - t0, step - step0, log)
+    if log:
+        log.close()
+    check_finite(trainees, step, args.device)
+    if args.parallel == "layers" or RANK == 0:
+        for t in trainees:
+            density = t.density if step >= args.density_window else t.fires / (step * args.batch)
+            save_sae(os.path.join(args.out, hook_name(t.layer)), t.sae, density, t.layer, args)
+    if WORLD > 1:
+        dist.barrier()
+    if RANK == 0:  # the SAEs are saved: the checkpoint is spent
+        for name in os.listdir(args.out):
+            if name == "checkpoint.json" or name.startswith("ckpt-"):
+                os.remove(os.path.join(args.out, name))
+        print(f"done: {', '.join(os.path.join(args.out, hook_name(L)) for L in gpt2.parse_layers(args.layer))}")
 
 
-def check_finite(trainees, step):
+def check_finite(trainees, step, device):
     """Stop, keeping the last good checkpoint, before a NaN or Inf could be saved."""
-    for t in trainees:
-        if not all(torch.isfinite(p).all() for p in t.sae.parameters()):
-            raise FloatingPointError(f"layer {t.layer}: weights are not finite at step {step:,}; stopped. The "
-                                     f"last good checkpoint is kept: lower --lr or raise --lr_warmup, then --resume")
+    bad = [t.layer for t in trainees if not all(torch.isfinite(p).all() for p in t.sae.parameters())]
+    if any_rank(bad, device):
+        raise FloatingPointError(f"weights are not finite at step {step:,} (layer {bad or 'of another rank'}); stopped. "
+                                 f"The last good checkpoint is kept: lower --lr or raise --lr_warmup, then --resume")
+
+
+def gather_records(trainees, records, args):
+    """[(layer, record)] for every SAE of the run, on every rank."""
+    mine = [(t.layer, r) for t, r in zip(trainees, records)]
+    if WORLD == 1 or args.parallel == "data":
+        return mine
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, mine)
+    return sorted(pair for part in everyone for pair in part)
 
 
 def keep_log_until(path, step):
@@ -581,18 +700,22 @@ def keep_log_until(path, step):
         os.replace(path + ".tmp", path)
 
 
-def report(records, trainees, step, total, args, elapsed, steps_done, log):
-    """One line per SAE on stdout, the same records in log.jsonl. A NaN or Inf stops the run."""
+def report(records, step, total, args, elapsed, steps_done, log):
+    """One line per SAE on stdout, the same records in log.jsonl (rank 0). A NaN or Inf stops
+    the run, on every rank."""
     tokens_per_s = steps_done * args.batch / elapsed
     eta = (total - step) * args.batch / tokens_per_s
-    for t, r in zip(trainees, records):
+    for layer, r in records:
         if not all(math.isfinite(v) for v in r.values()):
-            raise FloatingPointError(f"layer {t.layer}: loss is {r['loss']} at step {step:,}; stopped. The last "
+            raise FloatingPointError(f"layer {layer}: loss is {r['loss']} at step {step:,}; stopped. The last "
                                      f"good checkpoint is kept: lower --lr or raise --lr_warmup, then --resume")
-        r = {"step": step, "tokens": step * args.batch, "layer": t.layer, "tokens_per_s": round(tokens_per_s), **r}
+    if RANK != 0:
+        return
+    for layer, r in records:
+        r = {"step": step, "tokens": step * args.batch, "layer": layer, "tokens_per_s": round(tokens_per_s), **r}
         log.write(json.dumps(r) + "\n")
         print(f"step {step:>7,}/{total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
-              f" | eta {eta / 60:5.1f} min | layer {t.layer:<2} | mse {r['mse']:.4g} l1 {r['l1']:.4g} ghost {r['ghost']:.3g}"
+              f" | eta {eta / 60:5.1f} min | layer {layer:<2} | mse {r['mse']:.4g} l1 {r['l1']:.4g} ghost {r['ghost']:.3g}"
               f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")
     log.flush()
 
@@ -606,8 +729,10 @@ def save_activations(args):
         raise ValueError(f"--save_activations {path}: expected a .npy path")
     if os.path.exists(path) and not args.force:
         raise ValueError(f"{path} exists: pass --force to overwrite it")
+    if WORLD > 1:
+        raise ValueError("--save_activations: run it in one process, not under torchrun")
     args.center = False
-    source = make_source(args, layers, make_autocast(args))
+    source = make_source(args, layers, layers, make_autocast(args))
     d, chunk = source.model.cfg.n_embd, args.buffer // 2  # the chunks training reads, so the rows match
     out = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(args.tokens, d))
     t0 = time.time()
@@ -626,14 +751,28 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.resume:
         args = settings_for_resume(args)
+    start_distributed(args)
     if args.save_activations:
         return save_activations(args)
     args.out = args.out or os.path.join("runs", "L" + args.layer.replace(",", "-"))
     return train(args)
 
 
+def lost_a_rank(e):
+    """Whether an error is a collective failing because another rank died or timed out."""
+    return WORLD > 1 and any(s in str(e) for s in ("Connection closed", "Connection reset", "Broken pipe",
+                                                    "NCCL", "Timed out", "timed out", "Socket"))
+
+
 if __name__ == "__main__":
     try:
         main()
+        if WORLD > 1:
+            dist.destroy_process_group()
     except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if WORLD == 1 else f"error: rank {RANK}: {e}")
+    except RuntimeError as e:
+        if not lost_a_rank(e):
+            raise
+        sys.exit(f"error: rank {RANK} lost the other ranks ({str(e).splitlines()[0][:200]}); "
+                 f"one of them failed or was killed: see its output. Resume from the last checkpoint with --resume")
