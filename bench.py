@@ -17,11 +17,15 @@ Sections:
 - train: end-to-end `train_sae.py` tokens/s for --layer 9 and --layer all (CUDA).
 - precision: the metrics of short bf16 runs beside fp32 ones, two seeds each, on a known sparse
   dictionary (full width on CUDA; small on CPU, where autocast runs the same code).
+- ranks: the communication per step of torchrun training, from the arithmetic; and where there
+  are several GPUs, end-to-end tokens/s of --layer all and --layer 9 against the number of ranks.
 Weights are random: speed does not depend on their values, and nothing is downloaded.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -37,7 +41,7 @@ p.add_argument("--gpu_batch", type=int, default=512, help="contexts per forward 
 p.add_argument("--cpu_batch", type=int, default=8, help="contexts per forward on CPU")
 p.add_argument("--reps", type=int, default=20, help="timed repetitions; the median is reported")
 p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
-p.add_argument("--sections", default="gpt2,step,train,precision", help="which sections to run, comma-separated")
+p.add_argument("--sections", default="gpt2,step,train,precision,ranks", help="which sections to run, comma-separated")
 p.add_argument("--saelens_python", default=None, help="python of an environment with sae-lens, for the step comparison")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
@@ -313,6 +317,49 @@ def save_published(model, path):
     save_file(sd, path)
 
 
+def communication():
+    """Bytes each rank receives per optimizer step, at Bloom's settings (batch 4,096, buffer
+    524,288, fp32 residuals and gradients), with ring collectives."""
+    batch, half, steps_per_refill = 4096, 262144, 262144 // 4096
+    rows = []
+    for layers in (12, 1):
+        for ranks in (2, 4, 8):
+            gather = (ranks - 1) / ranks * half * layers * D * 4 / steps_per_refill  # the fresh residuals, all-gathered
+            if layers >= ranks:
+                mode, grads = "layers", 0.0
+            else:  # every SAE's gradient all-reduced: 2 (R-1)/R of its size through each rank
+                mode, grads = "data", 2 * (ranks - 1) / ranks * layers * (2 * D * M + M + D) * 4
+            rows.append([f"--layer {'all' if layers == 12 else 9}", ranks, mode, f"{gather / 1e6:.0f}",
+                         f"{grads / 1e6:.0f}", f"{(gather + grads) / 1e6:.0f}"])
+    table("Communication per step under torchrun (MB received per rank; arithmetic, not measured)",
+          ["run", "ranks", "--parallel", "residuals", "gradients", "total"], rows)
+
+
+def cuda_ranks():
+    """End-to-end tokens/s against the number of ranks, through torchrun."""
+    import json
+    import subprocess
+    import numpy as np
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        save_published(gpt2.GPT(gpt2.GPTConfig()), f"{tmp}/gpt2.safetensors")
+        gpt2.write_shard(f"{tmp}/tokens.bin", np.random.default_rng(0).integers(0, 50257, 40_000_000).astype(np.uint16))
+        for layer, tokens in (("all", 4096 * 150), ("9", 4096 * 400)):
+            for ranks in sorted({1, 2, 4, torch.cuda.device_count()}):
+                if ranks > torch.cuda.device_count():
+                    continue
+                out = f"{tmp}/run_{layer}_{ranks}"
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                                "train_sae.py", "--weights", f"{tmp}/gpt2.safetensors", "--data", f"{tmp}/tokens.bin",
+                                "--layer", layer, "--tokens", str(tokens), "--out", out, "--log_every", "50",
+                                "--lr_warmup", "100", "--checkpoint_every", str(10 ** 12)], check=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL)
+                last = [json.loads(line) for line in open(f"{out}/log.jsonl")][-1]
+                rows.append([f"--layer {layer}", ranks, f"{last['tokens_per_s'] / 1e6:.2f}M"])
+    table(f"torchrun on {torch.cuda.device_count()} x {torch.cuda.get_device_name()}: tokens/s by ranks",
+          ["run", "ranks", "tokens/s"], rows)
+
+
 sections = args.sections.split(",")
 if "gpt2" in sections:
     if torch.cuda.is_available():
@@ -327,3 +374,7 @@ if "train" in sections and torch.cuda.is_available():
     cuda_train()
 if "precision" in sections:
     precision_runs()
+if "ranks" in sections:
+    communication()
+    if torch.cuda.device_count() > 1:
+        cuda_ranks()

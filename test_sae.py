@@ -986,3 +986,92 @@ def test_dashboard_opens_in_a_browser_without_errors(planted, tmp_path):
     peaks = dom.split('class="tok peak"')[1:]
     assert peaks and all(p.split(">", 1)[1].startswith(" hello<") for p in peaks)  # the peak token of every example
     assert dom.count("<tr") == 1 + 32 and "page 1 of 1" in dom  # the index: a header and one row per feature
+
+# -----------------------------------------------------------------------------
+# Several processes: real process groups (gloo) on 127.0.0.1, two ranks.
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(args, world=2):
+    """Two train_sae.py processes with the environment torchrun would give them."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "train_sae.py", *args], cwd=HERE, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def assert_same_saes(a, b, layers, tol):
+    for layer in layers:
+        wa, wb = (sae_weights(run / f"blocks.{layer}.hook_resid_pre") for run in (a, b))
+        for k in wa:
+            err = (wa[k].double() - wb[k].double()).norm() / wa[k].double().norm()
+            assert err <= tol, (layer, k, err.item())
+
+
+DIST = ("--d_sae", "512", "--dead_window", "4")  # enough features die for ghost grads to run
+
+
+@pytest.fixture(scope="module")
+def single_runs(tiny, tmp_path_factory):
+    """The single-process runs the distributed ones must reproduce (200 steps)."""
+    out = tmp_path_factory.mktemp("single")
+    for layers in ("2", "0,2"):
+        code, err = run_train(tiny_args(tiny, out / layers, "--layer", layers, *DIST, steps=200))
+        assert code == 0, err
+        assert any(json.loads(line)["ghost"] > 0 for line in open(out / layers / "log.jsonl"))
+    return out
+
+
+def test_torchrun_data_parallel_equals_one_process(tiny, tmp_path, single_runs):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train_sae.py", *tiny_args(tiny, tmp_path / "dp", "--layer", "2", "--parallel", "data", *DIST,
+                                                   steps=200)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Each rank took half of every batch; the averaged gradients are the whole batch's, up to rounding.
+    assert_same_saes(single_runs / "2", tmp_path / "dp", [2], tol=1e-5)  # measured 3e-7
+    ours, theirs = ([json.loads(line) for line in open(run / "log.jsonl")] for run in (tmp_path / "dp", single_runs / "2"))
+    assert [r["step"] for r in ours] == list(range(4, 201, 4))
+    for a, b in zip(ours, theirs):  # the logged metrics are the whole batch's too
+        assert all(abs(a[k] - b[k]) <= 1e-4 * max(1e-3, abs(b[k])) for k in ("mse", "l1", "ghost", "l0", "dead_pct"))
+
+
+def test_layer_parallel_equals_one_process(tiny, tmp_path, single_runs):
+    procs = start_ranks(tiny_args(tiny, tmp_path / "lp", "--layer", "0,2", "--parallel", "layers", *DIST, steps=200))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert_same_saes(single_runs / "0,2", tmp_path / "lp", [0, 2], tol=1e-6)  # rank 0 trained layer 0, rank 1 layer 2
+
+
+@pytest.mark.parametrize("mode", ["layers", "data"])
+def test_a_killed_rank_stops_the_other_and_the_run_resumes(tiny, tmp_path, single_runs, mode):
+    out = tmp_path / "run"
+    procs = start_ranks(tiny_args(tiny, out, "--layer", "0,2", "--parallel", mode, "--checkpoint_every", "256",
+                                  "--dist_timeout", "60", *DIST, steps=200))
+    while not os.path.exists(out / "checkpoint.json"):
+        assert all(p.poll() is None for p in procs), "a rank ended before the first checkpoint"
+        time.sleep(0.005)
+    procs[1].kill()
+    t0 = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].communicate()
+    assert time.time() - t0 < 60 and procs[0].returncode == 1, err[-2000:]
+    assert "error: rank 0 lost the other ranks" in err and "Traceback" not in err
+    procs = start_ranks(["--resume", str(out)])
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert_same_saes(single_runs / "0,2", out, [0, 2], tol=1e-6 if mode == "layers" else 1e-5)
+    code, err = run_train(["--resume", str(out)])
+    assert code != 0 and "no checkpoint to resume from" in err  # finished: the checkpoint is spent
