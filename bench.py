@@ -320,7 +320,7 @@ def save_published(model, path):
 def communication():
     """Bytes each rank receives per optimizer step, at Bloom's settings (batch 4,096, buffer
     524,288, fp32 residuals and gradients), with ring collectives."""
-    batch, half, steps_per_refill = 4096, 262144, 262144 // 4096
+    half, steps_per_refill = 262144, 262144 // 4096
     rows = []
     for layers in (12, 1):
         for ranks in (2, 4, 8):

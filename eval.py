@@ -144,17 +144,19 @@ def first_pass(model, saes, args):
 
 @torch.no_grad()
 def second_pass(model, saes, args):
-    """Per SAE: the sums behind every metric, and (with --dashboard) the examples."""
+    """Per SAE: the sums behind every metric (float64, on the device until the end), and (with
+    --dashboard) the examples."""
     layers = sorted({s["layer"] for s in saes})
     keys = ("n", "sse", "sst", "ev_token", "l1", "l0", "cos", "norm_ratio", "n_pred", "ce_clean", "ce_sae", "ce_zero", "kl")
     for s in saes:
-        s["sums"] = dict.fromkeys(keys, 0.0)
+        s["sums"] = {k: torch.zeros((), dtype=torch.float64, device=args.device) for k in keys}
     for idx in held_out_batches(args, "eval pass 2 of 2 (metrics, examples)"):
         resid = model.residuals(idx, layers)                                    # {L: [b, T, d]}
         clean = model.logits_from(resid[layers[-1]], layers[-1])                # [b, T, vocab]
         log_p_clean = F.log_softmax(clean[:, :-1].float(), -1)                  # [b, T-1, vocab]
         target = idx[:, 1:]
-        zeroed = {L: token_ce(model.logits_from(torch.zeros_like(resid[L]), L), target) for L in layers}
+        ce_clean = token_ce(clean, target).sum()
+        ce_zero = {L: token_ce(model.logits_from(torch.zeros_like(resid[L]), L), target).sum() for L in layers}
         for s in saes:
             L, sums = s["layer"], s["sums"]
             x, mean = sae_input(resid[L], s["center"])                          # [b, T, d]
@@ -165,18 +167,18 @@ def second_pass(model, saes, args):
             spread = (x - s["x_mean"].double()).pow(2).sum(1)                    # ||x_b - x_bar||^2
             log_p = F.log_softmax(logits[:, :-1].float(), -1)
             sums["n"] += len(x)
-            sums["sse"] += err.sum().item()
-            sums["sst"] += spread.sum().item()
-            sums["ev_token"] += (1 - err / spread).sum().item()
-            sums["l1"] += f.double().sum().item()
-            sums["l0"] += torch.count_nonzero(f).item()
-            sums["cos"] += F.cosine_similarity(x, x_hat, dim=1).sum().item()
-            sums["norm_ratio"] += (x_hat.norm(dim=1) / x.norm(dim=1)).sum().item()
+            sums["sse"] += err.sum()
+            sums["sst"] += spread.sum()
+            sums["ev_token"] += (1 - err / spread).sum()
+            sums["l1"] += f.double().sum()
+            sums["l0"] += torch.count_nonzero(f)
+            sums["cos"] += F.cosine_similarity(x, x_hat, dim=1).sum()
+            sums["norm_ratio"] += (x_hat.norm(dim=1) / x.norm(dim=1)).sum()
             sums["n_pred"] += target.numel()
-            sums["ce_clean"] += token_ce(clean, target).sum().item()
-            sums["ce_sae"] += token_ce(logits, target).sum().item()
-            sums["ce_zero"] += zeroed[L].sum().item()
-            sums["kl"] += (log_p_clean.exp() * (log_p_clean - log_p)).sum().item()
+            sums["ce_clean"] += ce_clean
+            sums["ce_sae"] += token_ce(logits, target).sum()
+            sums["ce_zero"] += ce_zero[L]
+            sums["kl"] += (log_p_clean.exp() * (log_p_clean - log_p)).sum()
             if "dash" in s:
                 collect_examples(s["dash"], idx, f.view(*idx.shape, -1), args)
 
@@ -188,7 +190,7 @@ def token_ce(logits, target):
 
 def metrics(s):
     """The metrics from one SAE's sums (formulas in the README)."""
-    t, fires = s["sums"], s["fires"].cpu()
+    t, fires = {k: v.item() for k, v in s["sums"].items()}, s["fires"].cpu()
     density = fires.double() / s["n"]
     hist, edges = np.histogram(np.log10(density.numpy() + 1e-10), bins=20, range=(-10, 0))
     return {
