@@ -247,3 +247,28 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead, impl="torch", d
     precision = "tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     with torch.autocast(device, enabled=False):  # the casts are explicit in FusedSAE
         return FusedSAE.apply(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead, dtype, precision)
+
+
+def check_fused(device):
+    """Run the fused step once on a small random problem, forward and backward, against the torch
+    reference: None if they agree, else what went wrong (a user's Triton may not compile these
+    kernels). TF32 or not, agreement to 1e-2 is expected."""
+    g = torch.Generator(device).manual_seed(0)
+    B, d, m = 64, 48, 96
+    x = torch.randn(B, d, device=device, generator=g)
+    params = [torch.randn(d, m, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(m, device=device, generator=g),
+              torch.randn(m, d, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(d, device=device, generator=g)]
+    dead, l1_weights = torch.arange(0, m, 7, device=device), torch.ones(m, device=device)
+    results = []
+    try:
+        for impl in ("torch", "triton"):
+            ps = [p.clone().requires_grad_() for p in params]
+            x_hat, l1, pre_dead, fires = sae_forward(x, *ps, l1_weights, dead, impl, dtype=torch.float32)
+            (x_hat.pow(2).sum() + l1.sum() + pre_dead.exp().sum()).backward()
+            results.append([x_hat, l1, pre_dead, fires.float()] + [p.grad for p in ps])
+    except Exception as e:  # a compiler error, or a launch failure
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for a, b in zip(*results):
+        if not (a.float() - b.float()).norm() <= 1e-2 * b.float().norm() + 1e-6:
+            return "its results differ from the torch reference"
+    return None

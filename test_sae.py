@@ -784,6 +784,17 @@ def test_fused_step_in_fp16():
     assert max(errors.values()) < 1e-2, errors
 
 
+def test_fused_self_check(monkeypatch):
+    """What --kernels auto runs on CUDA before trusting the kernels: here, under the interpreter."""
+    assert kernels.check_fused("cpu") is None
+    monkeypatch.setattr(kernels, "encode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
+    assert kernels.check_fused("cpu") == "RuntimeError: PTX too new"
+    monkeypatch.undo()
+    real = kernels.pre_grad
+    monkeypatch.setattr(kernels, "pre_grad", lambda *a, **k: real(*a, **k) * 1.1)
+    assert kernels.check_fused("cpu") == "its results differ from the torch reference"
+
+
 def test_training_steps_triton_equal_torch():
     args = train_sae.p.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_window", "2"])
     runs = {}

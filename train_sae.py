@@ -521,6 +521,11 @@ def settings_for_resume(args):
 def resolve_kernels(args):
     if args.kernels == "auto":
         args.kernels = "triton" if args.device.startswith("cuda") else "torch"
+        problem = kernels.check_fused(args.device) if args.kernels == "triton" else None
+        if problem:  # never silently: the torch path is correct, only slower
+            print(f"WARNING: the fused Triton kernels failed their check on {args.device} ({problem}); "
+                  f"training with the torch path instead (--kernels torch)", file=sys.stderr)
+            args.kernels = "torch"
     if args.kernels == "triton" and not args.device.startswith("cuda") and not kernels.INTERPRET:
         raise ValueError("--kernels triton on CPU: expected a CUDA device (or TRITON_INTERPRET=1, for tests)")
 
