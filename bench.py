@@ -266,15 +266,17 @@ def cuda_train():
         gpt2.write_shard(f"{tmp}/tokens.bin", np.random.default_rng(0).integers(0, 50257, 20_000_000).astype(np.uint16))
         common = ["--weights", f"{tmp}/gpt2.safetensors", "--data", f"{tmp}/tokens.bin", "--log_every", "50",
                   "--checkpoint_every", str(10 ** 12), "--lr_warmup", "100"]
-        for layer, tokens in (("9", 4096 * 400), ("all", 4096 * 150)):
+        peak = bf16_peak()
+        for layer, tokens, deepest, saes in (("9", 4096 * 400, 9, 1), ("all", 4096 * 150, 11, 12)):
             out = f"{tmp}/run_{layer}"
             train_sae.main(common + ["--layer", layer, "--tokens", str(tokens), "--out", out])
-            last = [json.loads(line) for line in open(f"{out}/log.jsonl")][-1]
-            rows.append([f"--layer {layer}", f"{last['tokens_per_s'] / 1e6:.2f}M",
-                         f"{300e6 / last['tokens_per_s'] / 60:.1f} min"])
+            tps = [json.loads(line) for line in open(f"{out}/log.jsonl")][-1]["tokens_per_s"]
+            flop = flops_per_token(gpt2.GPTConfig(), deepest, 128) + saes * 5 * 2 * D * M  # per token
+            rows.append([f"--layer {layer}", f"{tps / 1e6:.2f}M", f"{tps * flop / 1e12:.0f}",
+                         f"{100 * tps * flop / peak:.0f}%", f"{300e6 / tps / 60:.1f} min"])
         table("train_sae.py end to end (bf16, batch 4,096, 24,576 features, GPT-2 forward included; "
-              "tokens/s over the whole run, refills and the first compile included)",
-              ["run", "tokens/s", "300M tokens"], rows)
+              f"tokens/s over the whole run, refills included; bf16 peak measured: {peak / 1e12:.0f} TFLOP/s)",
+              ["run", "tokens/s", "TFLOP/s", "% of peak", "300M tokens"], rows)
 
 
 def precision_runs():
