@@ -104,8 +104,7 @@ def sae_input(x, center):
 
 def held_out_batches(args, label):
     """The same contexts on every call: [batch, ctx] token ids, --tokens of them in all."""
-    data = args.data if args.data == "fineweb" else args.data.split(",")
-    stream = gpt2.Contexts(gpt2.corpus(data, "eval", args.ctx, args.cache_dir), args.ctx)
+    stream = gpt2.Contexts(gpt2.corpus(args.data, "eval", args.ctx, args.cache_dir), args.ctx)
     done, t0, shown = 0, time.time(), 0.0
     while done < args.tokens:
         idx = stream.next(min(args.batch, math.ceil((args.tokens - done) / args.ctx)))

@@ -414,7 +414,8 @@ def fineweb_shard(split, i, cache_dir=None):
 
 def corpus(source="fineweb", split="train", ctx=128, cache_dir=None):
     """The shards of a corpus as zero-argument functions, opened (and downloaded) only when
-    the stream reaches them. `source` is "fineweb" or local token files (a path or a list).
+    the stream reaches them. `source` is "fineweb", or local token files: a list, or a string
+    of comma-separated paths (the --data flag's form).
     The held-out "eval" split is FineWeb's validation shard, or else the last 1% of each
     file's windows (at least one), so it never overlaps "train"."""
     if split not in ("train", "eval"):
@@ -422,7 +423,7 @@ def corpus(source="fineweb", split="train", ctx=128, cache_dir=None):
     if source == "fineweb":
         shards = [("val", 0)] if split == "eval" else [("train", i) for i in FINEWEB_TRAIN_SHARDS]
         return [partial(fineweb_shard, s, i, cache_dir) for s, i in shards]
-    paths = [source] if isinstance(source, str) else list(source)
+    paths = source.split(",") if isinstance(source, str) else list(source)
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"token file not found: {p}")
@@ -503,8 +504,7 @@ def main(argv=None):
     p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {default_cache_dir()})")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = args.data if args.data == "fineweb" else args.data.split(",")
-    stream = Contexts(corpus(data, "eval", args.ctx, args.cache_dir), args.ctx)
+    stream = Contexts(corpus(args.data, "eval", args.ctx, args.cache_dir), args.ctx)
     idx = stream.next(args.batch)  # read the data before the model, so bad data fails fast
     model = from_pretrained(args.weights, args.cache_dir).to(device)
     total, count = 0.0, 0

@@ -253,7 +253,7 @@ class ResidualSource:
     keeping the layers in `keep`. One forward, stopped at the deepest layer, serves every layer."""
 
     def __init__(self, model, stream, layers, keep, batch, center, exclude_bos, autocast, device):
-        self.model, self.stream, self.layers, self.batch = model, stream, layers, batch
+        self.stream, self.layers, self.batch = stream, layers, batch
         self.keep = [layers.index(L) for L in keep]
         self.center, self.exclude_bos, self.autocast, self.device = center, exclude_bos, autocast, device
         self.forward, self.d = model.residuals, model.cfg.n_embd
@@ -541,8 +541,7 @@ def make_autocast(args):
 def make_source(args, layers, keep, autocast):
     if args.activations:  # every rank reads the rows itself
         return FileSource(args.activations, args.center, args.device)
-    data = args.data if args.data == "fineweb" else args.data.split(",")
-    shards = gpt2.corpus(data, "train", args.ctx, args.cache_dir)
+    shards = gpt2.corpus(args.data, "train", args.ctx, args.cache_dir)
     gpt2.Contexts(shards, args.ctx, seed=args.seed).next(1)  # bad data fails now, not after loading the model
     stream = gpt2.Contexts(shards, args.ctx, seed=args.seed)
     model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
@@ -737,7 +736,7 @@ def save_activations(args):
         raise ValueError("--save_activations: run it in one process, not under torchrun")
     args.center = False
     source = make_source(args, layers, layers, make_autocast(args))
-    d, chunk = source.model.cfg.n_embd, args.buffer // 2  # the chunks training reads, so the rows match
+    d, chunk = source.d, args.buffer // 2  # the chunks training reads, so the rows match
     out = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(args.tokens, d))
     t0 = time.time()
     for a in range(0, args.tokens, chunk):
