@@ -4,6 +4,7 @@ Benchmarks; each section prints a table. Timings live here, never in the tests.
     python bench.py                                   # every section this machine can run
     python bench.py --compile                         # also torch.compile'd GPT-2 (CUDA)
     python bench.py --saelens_python ENV/bin/python   # also SAELens's training step, for comparison
+    python bench.py --sections realacts --saelens_python ENV/bin/python --saelens_l1 5,10 --ours_l1 4,8
 
 Sections:
 - gpt2: the GPT-2 forward to layer 9 at context 128, tokens/s. On CUDA: fp32 and bf16 autocast,
@@ -19,6 +20,10 @@ Sections:
   dictionary (full width on CUDA; small on CPU, where autocast runs the same code).
 - ranks: the communication per step of torchrun training, from the arithmetic; and where there
   are several GPUs, end-to-end tokens/s of --layer all and --layer 9 against the number of ranks.
+- realacts (only when named): SAE quality on real activations (../shared/realacts): trains our
+  ReLU recipe at --ours_l1 and SAELens's StandardTrainingSAE at --saelens_l1 on the same data
+  and budget, scores both on eval.npy (L0, pooled explained variance, dead features) and
+  compares the two frontiers at equal L0. Minutes per SAE on a CPU.
 Weights are random: speed does not depend on their values, and nothing is downloaded.
 """
 
@@ -43,6 +48,13 @@ p.add_argument("--reps", type=int, default=20, help="timed repetitions; the medi
 p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
 p.add_argument("--sections", default="gpt2,step,train,precision,ranks", help="which sections to run, comma-separated")
 p.add_argument("--saelens_python", default=None, help="python of an environment with sae-lens, for the step comparison")
+p.add_argument("--realacts", default="~/.cache/realacts", help="folder of train.npy and eval.npy (../shared/realacts)")
+p.add_argument("--realacts_runs", default="runs/realacts", help="where the realacts section keeps the SAEs it trains")
+p.add_argument("--saelens_l1", default="", help="realacts: SAELens L1 coefficients to train, comma-separated")
+p.add_argument("--ours_l1", default="", help="realacts: our L1 coefficients to train, comma-separated")
+p.add_argument("--ours_flags", default="", help="realacts: further train_sae.py flags for our runs")
+p.add_argument("--ours_tag", default="default", help="realacts: names our runs' family (ours-TAG-l1-X)")
+p.add_argument("--threads", type=int, default=0, help="realacts: CPU threads per training run (0: torch's default)")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
 D, M = 768, 24576  # GPT-2 small's width; Bloom's SAE width
@@ -362,6 +374,129 @@ def cuda_ranks():
           ["run", "ranks", "tokens/s"], rows)
 
 
+# -----------------------------------------------------------------------------
+# Quality on real activations (../shared/realacts): the L0 / explained-variance frontier of
+# our ReLU recipe against SAELens's StandardTrainingSAE, on the same data and budget. Every
+# trained SAE lands in --realacts_runs and is reused by later calls, so a sweep can be run a
+# few points at a time.
+
+SAELENS_TRAIN = """
+import numpy as np, torch
+from safetensors.torch import save_file
+from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig, LoggingConfig
+train, out, l1, d_sae, batch, steps, lr, warmup = {train!r}, {out!r}, {l1}, {d_sae}, {batch}, {steps}, {lr}, {warmup}
+torch.manual_seed(0)
+x = torch.from_numpy(np.load(train))                        # [N, d]
+sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1,
+                                                    dtype="float32", device="cpu"))
+cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
+                       lr_warm_up_steps=warmup, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+                       checkpoint_path=out + ".ckpt", save_final_checkpoint=False)
+trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter([]))
+
+def batches():  # shuffled passes over the file
+    g = torch.Generator().manual_seed(0)
+    while True:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - batch + 1, batch):
+            yield x[perm[i:i + batch]]
+
+# What SAETrainer.fit() does with normalize_activations "none" and no wandb, plus a progress line.
+for step, xb in zip(range(steps), batches()):
+    result = trainer.step(xb)
+    trainer.n_training_steps += 1
+    if (step + 1) % 50 == 0:
+        print(f"SAELens l1 {{l1}}: step {{step + 1}}, L0 {{(result.feature_acts > 0).sum(1).float().mean():.1f}}", flush=True)
+save_file({{k: getattr(sae, k).detach().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}}, out + ".tmp")
+import os; os.replace(out + ".tmp", out)
+"""
+
+
+@torch.no_grad()
+def realacts_score(path, x):
+    """L0, pooled explained variance and the fraction of features that never fire, of the SAE
+    in the safetensors file `path`, on eval activations x [N, d]."""
+    from safetensors.torch import load_file
+    w = load_file(path)
+    sq_err, fires, l0 = 0.0, torch.zeros(w["b_enc"].shape[0]), 0.0
+    for xb in x.split(4096):
+        f = torch.relu((xb - w["b_dec"]) @ w["W_enc"] + w["b_enc"])             # [b, m]
+        sq_err += (f @ w["W_dec"] + w["b_dec"] - xb).double().pow(2).sum().item()
+        fires += (f > 0).sum(0)
+        l0 += (f > 0).sum().item()
+    total = (x.double() - x.double().mean(0)).pow(2).sum().item()
+    return l0 / len(x), 1 - sq_err / total, (fires == 0).float().mean().item()
+
+
+def interpolate_ev(frontier, l0):
+    """EV at l0 on a frontier [(L0, EV, dead)], linear in log L0; None outside it."""
+    import math
+    pts = sorted(frontier)
+    for (a, ea, da), (b, eb, db) in zip(pts, pts[1:]):
+        if a <= l0 <= b:
+            t = (math.log(l0) - math.log(a)) / (math.log(b) - math.log(a))
+            return ea + t * (eb - ea), da + t * (db - da)
+    return None
+
+
+def realacts():
+    import subprocess
+    import numpy as np
+    acts = os.path.expanduser(args.realacts)
+    train, evals = os.path.join(acts, "train.npy"), os.path.join(acts, "eval.npy")
+    if not os.path.isfile(evals):
+        sys.exit(f"error: {evals} not found: build it with bash ../shared/realacts/make_acts.sh")
+    runs = args.realacts_runs
+    os.makedirs(runs, exist_ok=True)
+    steps, batch, d_sae, warmup, lr = 488, 4096, 6144, 200, 4e-4  # SAELens's budget in the issue
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    here = os.path.dirname(os.path.abspath(__file__))
+    if args.saelens_python:
+        for l1 in filter(None, args.saelens_l1.split(",")):
+            out = os.path.join(runs, f"saelens-l1-{l1}.safetensors")
+            if not os.path.exists(out):
+                code = SAELENS_TRAIN.format(train=train, out=os.path.abspath(out), l1=float(l1), d_sae=d_sae,
+                                            batch=batch, steps=steps, lr=lr, warmup=warmup)
+                with tempfile.TemporaryDirectory() as elsewhere:  # away from our kernels.py (see cpu_step)
+                    subprocess.run([args.saelens_python, "-c", code], check=True, cwd=elsewhere, env=env)
+    for l1 in filter(None, args.ours_l1.split(",")):
+        name = f"ours-{args.ours_tag}-l1-{l1}"
+        if not os.path.exists(os.path.join(runs, name)):
+            flags = ["--activations", train, "--no-center", "--layer", "5", "--d_sae", str(d_sae), "--batch", str(batch),
+                     "--tokens", str(steps * batch), "--lr", str(lr), "--lr_warmup", str(warmup), "--device", "cpu",
+                     "--l1", l1, "--log_every", "50", "--out", os.path.join(runs, name), *args.ours_flags.split()]
+            subprocess.run([sys.executable, "train_sae.py", *flags], check=True, cwd=here, env=env)
+    x = torch.from_numpy(np.load(evals))
+    families = {}
+    for name in sorted(os.listdir(runs)):
+        path = os.path.join(runs, name)
+        if name.endswith(".safetensors"):                                   # SAELens
+            family, l1 = "SAELens", name[len("saelens-l1-"):-len(".safetensors")]
+        elif os.path.isfile(os.path.join(path, "blocks.5.hook_resid_pre", "sae_weights.safetensors")):
+            family, l1 = name.rsplit("-l1-", 1)
+            path = os.path.join(path, "blocks.5.hook_resid_pre", "sae_weights.safetensors")
+        else:
+            continue
+        families.setdefault(family, []).append((float(l1), *realacts_score(path, x)))
+    for family, points in families.items():
+        table(f"{family} on {acts}: {steps} steps of {batch}, d_sae {d_sae}, scored on eval.npy ({len(x):,} tokens)",
+              ["l1", "L0", "pooled EV", "dead"],
+              [[f"{l1:g}", f"{l0:.1f}", f"{ev:.4f}", f"{dead:.2%}"] for l1, l0, ev, dead in sorted(points)])
+    base = [p[1:] for p in families.get("SAELens", [])]
+    for family, points in families.items():
+        if family == "SAELens" or not base:
+            continue
+        rows = []
+        for l0 in (15, 20, 30, 40, 60, 80, 100, 140):
+            ours, theirs = interpolate_ev([p[1:] for p in points], l0), interpolate_ev(base, l0)
+            if ours and theirs:
+                rows.append([l0, f"{ours[0]:.4f}", f"{theirs[0]:.4f}", f"{ours[0] - theirs[0]:+.4f}",
+                             f"{ours[1]:.2%}", f"{theirs[1]:.2%}"])
+        table(f"{family} against SAELens at equal L0 (linear in log L0)",
+              ["L0", "EV", "SAELens EV", "gain", "dead", "SAELens dead"], rows)
+
+
 sections = args.sections.split(",")
 if "gpt2" in sections:
     if torch.cuda.is_available():
@@ -376,6 +511,8 @@ if "train" in sections and torch.cuda.is_available():
     cuda_train()
 if "precision" in sections:
     precision_runs()
+if "realacts" in sections:
+    realacts()
 if "ranks" in sections:
     communication()
     if torch.cuda.device_count() > 1:

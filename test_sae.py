@@ -540,7 +540,7 @@ def test_ghost_grads_reach_dead_features_only_when_on():
         sae = random_sae()
         with torch.no_grad():
             sae.b_enc[dead] = -100
-        args = train_sae.p.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_window", "3", "--kernels", "torch",
+        args = train_sae.p.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_tokens", str(3 * 4096), "--kernels", "torch",
                                        "--ghost_grads" if ghost else "--no-ghost_grads"])
         t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
         before = sae.W_enc[:, dead].detach().clone()
@@ -549,6 +549,117 @@ def test_ghost_grads_reach_dead_features_only_when_on():
         assert (t.since_fired[dead] >= 3).all()
         assert torch.equal(before, sae.W_enc[:, dead].detach()) != ghost
 
+
+
+@pytest.mark.parametrize("norm", [0.1, 10, 1000])
+def test_initial_reconstruction_is_as_long_as_the_input(norm):
+    """W_enc = W_dec^T alone makes the first x_hat about m / (2d) = 8 times too long; the
+    data-scaled init, on data of any norm, gets within 20%, and explains some variance."""
+    g = torch.Generator().manual_seed(0)
+    d, m = 64, 1024
+    x = torch.randn(8192, d, generator=g) + 0.5 * torch.randn(d, generator=g)   # an offset, as residuals have
+    x *= norm / x.norm(dim=1).mean()
+    scale = d ** 0.5 / x.norm(dim=1).mean()                                 # what --normalize does
+    sae = train_sae.SAE(d, m)
+    with torch.no_grad():
+        naive = sae.W_enc.clone()
+        train_sae.init_from_data(sae, x * scale)
+        x_hat = sae(x * scale)[2] / scale
+        ratio = (x_hat.norm(dim=1).mean() / x.norm(dim=1).mean()).item()
+        assert abs(ratio - 1) < 0.2, ratio
+        ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert ev > 0.5, ev
+        x_in = x * scale - sae.b_dec                                        # the undamped start, for contrast
+        assert (torch.relu(x_in @ naive) @ sae.W_dec).norm(dim=1).mean() > 6 * x_in.norm(dim=1).mean()
+
+
+def test_first_logged_explained_variance_is_not_negative(tmp_path):
+    """GPT-2-shaped data (m = 32 d, residual norms in the hundreds): the very first step's
+    explained variance, which the issue saw near -200 before the data-scaled init."""
+    g = torch.Generator().manual_seed(0)
+    x = 300 * (torch.randn(4096, 48, generator=g) + torch.randn(48, generator=g))
+    np.save(tmp_path / "acts.npy", x.numpy())
+    train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", str(32 * 48), "--batch", "512",
+                    "--tokens", str(3 * 512), "--buffer", "2048", "--lr_warmup", "10", "--log_every", "1",
+                    "--out", str(tmp_path / "run"), "--device", "cpu"])
+    first = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
+    assert first["step"] == 1 and first["explained_variance"] >= 0, first
+
+
+def test_normalize_makes_l1_mean_the_same_at_any_data_norm(tmp_path):
+    """SAELens's loss is quadratic in the data and its L1 term linear, so the same --l1 gives a
+    different L0 on data 100 times larger, unless the inputs are normalized. Normalized, the two
+    runs are the same run; the saved SAEs differ only by the factor, folded into the biases
+    (f in the input's units)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 16, generator=g) + torch.randn(16, generator=g)
+    runs = {}
+    for norm in (1, 100):
+        np.save(tmp_path / f"acts{norm}.npy", (norm * x).numpy())
+        for flag in ("--normalize", "--no-normalize"):
+            out = tmp_path / f"run{norm}{flag}"
+            (t,) = train_sae.main(["--activations", str(tmp_path / f"acts{norm}.npy"), "--loss", "saelens",
+                                   "--l1", "3", "--d_sae", "64", "--batch", "256", "--tokens", str(100 * 256), "--lr", "2e-3",
+                                   "--buffer", "1024", "--lr_warmup", "5", "--log_every", "100", "--no-center",
+                                   flag, "--out", str(out), "--device", "cpu"])
+            runs[norm, flag] = json.loads(open(out / "log.jsonl").readline())["l0"], sae_weights(out / "blocks.9.hook_resid_pre")
+    (l0_1, w1), (l0_100, w100) = runs[1, "--normalize"], runs[100, "--normalize"]
+    assert abs(l0_1 - l0_100) < 0.02 * l0_1, (l0_1, l0_100)
+    assert torch.allclose(w1["W_enc"], w100["W_enc"], atol=1e-4) and torch.allclose(w1["W_dec"], w100["W_dec"], atol=1e-4)
+    for k in ("b_enc", "b_dec"):
+        assert torch.allclose(100 * w1[k], w100[k], rtol=1e-3, atol=1e-3), k
+    f1 = torch.relu((x - w1["b_dec"]) @ w1["W_enc"] + w1["b_enc"])           # the saved SAEs, on their own inputs
+    f100 = torch.relu((100 * x - w100["b_dec"]) @ w100["W_enc"] + w100["b_enc"])
+    assert torch.allclose(100 * f1, f100, rtol=1e-3, atol=1e-2)
+    l0_raw_1, l0_raw_100 = runs[1, "--no-normalize"][0], runs[100, "--no-normalize"][0]
+    assert l0_raw_100 > 2 * l0_raw_1, (l0_1, l0_raw_1, l0_raw_100)          # what normalizing prevents
+
+
+@pytest.mark.parametrize("dead", [None, [3, 7, 20]], ids=["no-dead", "dead"])
+def test_seed_loss_is_homogeneous_so_bloom_l1_is_unchanged_by_normalizing(dead):
+    """The seed's loss scales by s when x and both biases do (the MSE is divided by ||x||, and
+    f scales by s under unit-norm rows), so its minimizers, and the L0 that --l1 8e-5 gives,
+    do not depend on --normalize. Checked on the loss itself, ghost term included."""
+    sae = random_sae()
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    dead = None if dead is None else torch.tensor(dead)
+    loss, parts, _, _ = train_sae.sae_loss(sae, x, 8e-5, dead)
+    s = 37.0
+    with torch.no_grad():
+        sae.b_enc *= s
+        sae.b_dec *= s
+    loss_s, parts_s, _, _ = train_sae.sae_loss(sae, s * x, 8e-5, dead)
+    for k in parts:
+        assert torch.allclose(parts_s[k], s * parts[k], rtol=1e-5), k
+    assert torch.allclose(loss_s, s * loss, rtol=1e-5)
+
+def test_dead_features_revive_within_a_short_run():
+    """Half the features start dead (their b_enc below every pre-activation on the data). In a
+    300-step run, far shorter than the old 5,000-step window, the window scaled to the run
+    (30 steps) lets ghost gradients bring most of them back; without them they stay dead."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(96, 16, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    data = ((torch.rand(20_000, 96, generator=g) < 4 / 96) * torch.rand(20_000, 96, generator=g)) @ atoms
+    steps, batch = 300, 256
+    never_fired = {}
+    for ghost in (True, False):
+        sae = train_sae.SAE(16, 64)
+        with torch.no_grad():
+            train_sae.init_from_data(sae, data)
+            pre = (data - sae.b_dec) @ sae.W_enc
+            sae.b_enc[:32] = -pre[:, :32].max(0).values - 0.05                   # dead by construction
+        args = train_sae.p.parse_args(["--batch", str(batch), "--tokens", str(steps * batch), "--lr", "1e-3",
+                                       "--lr_warmup", "10", "--l1", "1e-3", "--kernels", "torch",
+                                       "--ghost_grads" if ghost else "--no-ghost_grads"])
+        assert train_sae.dead_after(args) == 30
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        for step in range(steps):
+            x = data[torch.randint(len(data), (batch,), generator=g)]
+            train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
+        with torch.no_grad():
+            never_fired[ghost] = (sae(data)[1][:, :32] > 0).sum(0).eq(0).sum().item()
+    assert never_fired[True] <= 8 and never_fired[False] == 32, never_fired
 
 def test_it_learns_a_known_dictionary(tmp_path):
     """64 unit atoms in d = 32, about 3 active per sample, on a shared offset as residuals have."""
@@ -561,7 +672,7 @@ def test_it_learns_a_known_dictionary(tmp_path):
     np.save(tmp_path / "acts.npy", x.numpy())
     train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", "128", "--batch", "1024",
                     "--tokens", str(5000 * 1024), "--buffer", "16384", "--lr", "1e-3", "--l1", "3.6e-3",
-                    "--lr_warmup", "100", "--dead_window", "1000", "--no-center", "--out", str(tmp_path / "run"),
+                    "--lr_warmup", "100", "--dead_tokens", str(1000 * 1024), "--no-center", "--out", str(tmp_path / "run"),
                     "--log_every", "1000", "--device", "cpu"])
     W = load_file(str(tmp_path / "run" / "blocks.9.hook_resid_pre" / "sae_weights.safetensors"))["W_dec"]
     best = (atoms @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values  # each atom's closest decoder row
@@ -582,7 +693,7 @@ def tiny_args(tiny, out, *extra, steps=40):
     weights, tokens = tiny
     return ["--weights", weights, "--data", tokens, "--out", str(out), "--d_sae", "64", "--batch", "64",
             "--tokens", str(64 * steps), "--buffer", "512", "--ctx", "16", "--gpt2_batch", "8", "--lr_warmup", "5",
-            "--dead_window", "8", "--density_window", "4", "--log_every", "4", "--device", "cpu", *extra]
+            "--dead_tokens", str(8 * 64), "--density_window", "4", "--log_every", "4", "--device", "cpu", *extra]
 
 
 def sae_weights(folder):
@@ -626,11 +737,15 @@ def test_output_is_saelens_format_and_reloads(tiny, tmp_path):
     reloaded = train_sae.SAE(64, 64)
     reloaded.load_state_dict(weights)
     x = torch.randn(50, 64)
+    s = t.scale.item()  # it trained on x * s (--normalize); the saved SAE takes x, and gives f / s
+    assert s != 1
     with torch.no_grad():
-        assert torch.equal(reloaded(x)[1], t.sae(x)[1])  # identical encodings
+        _, f_trained, x_hat_trained = t.sae(x * s)
+        assert torch.allclose(reloaded(x)[1], f_trained / s, atol=1e-5)
+        assert torch.allclose(reloaded(x)[2], x_hat_trained / s, atol=1e-5)
         # SAELens's forward, written out: f = relu((x - b_dec) W_enc + b_enc).
         f = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
-        assert torch.allclose(f, t.sae(x)[1], atol=1e-6)
+        assert torch.allclose(f, f_trained / s, atol=1e-5)
     sparsity = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
     assert sparsity.shape == (64,) and torch.allclose(sparsity, torch.log10(t.density + 1e-10))
     records = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -796,7 +911,7 @@ def test_fused_self_check(monkeypatch):
 
 
 def test_training_steps_triton_equal_torch():
-    args = train_sae.p.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_window", "2"])
+    args = train_sae.p.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
     runs = {}
     for impl in ("torch", "triton"):
         args.kernels = impl
@@ -1029,7 +1144,8 @@ def assert_same_saes(a, b, layers, tol):
             assert err <= tol, (layer, k, err.item())
 
 
-DIST = ("--d_sae", "512", "--dead_window", "4")  # enough features die for ghost grads to run
+# A one-batch dead window and a strong L1: enough features die for ghost grads to run.
+DIST = ("--d_sae", "512", "--dead_tokens", "64", "--l1", "3e-2")
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,14 @@ p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
                help="seed: MSE/||x|| averaged over d, plain L1, unit-norm decoder rows; "
                     "saelens: SAELens v6, MSE summed over d, L1 weighted by decoder row norms, free decoder")
 p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=True, help="ghost gradients for dead features")
-p.add_argument("--dead_window", type=int, default=5000, help="a feature is dead after this many steps without firing")
+p.add_argument("--dead_tokens", type=int, default=None,
+               help="a feature is dead after this many training tokens without firing (default: Bloom's 5,000 "
+                    "steps of 4,096, 20.48M, or a tenth of --tokens if that is less, so short runs revive too)")
 p.add_argument("--density_window", type=int, default=1000, help="steps over which feature density is counted")
 p.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, the seed's)")
+p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+               help="scale the inputs so that their mean norm is sqrt(d_model), from the first half-buffer; the "
+                    "factor is folded back into the saved weights. The same --l1 then means the same on any model")
 p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                help="subtract each token's mean over d_model (TransformerLens's center_writing_weights)")
 p.add_argument("--exclude_bos", action="store_true", help="leave out the BOS position of each context")
@@ -168,6 +173,19 @@ def remove_parallel_grad(sae):
 @torch.no_grad()
 def normalize_decoder(sae):
     sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def init_from_data(sae, x):
+    """Start b_dec at the geometric median of x [N, d], and scale the encoder so that the first
+    reconstructions are as long as their inputs. With W_enc = W_dec^T alone they are about
+    m / (2d) times too long: about half of the features fire on x' = x - b_dec, and each adds its
+    unit row's component along x' (derivation in the README). b_enc is 0 and ReLU is homogeneous,
+    so one factor on W_enc sets the length."""
+    sae.b_dec.copy_(geometric_median(x))
+    x_in = x[:16384] - sae.b_dec                                      # [n, d]
+    x_hat = torch.relu(x_in @ sae.W_enc) @ sae.W_dec                  # [n, d], b_dec left out
+    sae.W_enc *= x_in.norm(dim=1).mean() / x_hat.norm(dim=1).mean()
 
 
 @torch.no_grad()
@@ -338,12 +356,16 @@ def replace_folder(tmp, folder):
     shutil.rmtree(folder + ".old", ignore_errors=True)
 
 
-def save_sae(folder, sae, density, layer, args):
-    """SAELens's on-disk format: sae_lens.SAE.load_from_disk(folder) loads it as it is."""
+def save_sae(folder, sae, density, layer, args, scale=1.0):
+    """SAELens's on-disk format: sae_lens.SAE.load_from_disk(folder) loads it as it is. The SAE
+    was trained on x * scale; the saved one takes x itself. Dividing both biases by the scale
+    divides pre, f and x_hat by it too (ReLU is homogeneous), and the decoder rows keep their
+    norms, so f comes out in the input's units."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
+    weights["b_enc"], weights["b_dec"] = weights["b_enc"] / scale, weights["b_dec"] / scale
     save_file(weights, os.path.join(tmp, "sae_weights.safetensors"))
     save_file({"sparsity": torch.log10(density.float().cpu() + 1e-10)}, os.path.join(tmp, "sparsity.safetensors"))
     d_in, d_sae = sae.W_enc.shape
@@ -377,7 +399,7 @@ def save_checkpoint(run, trainees, kept, gen, source, step, args):
                 tensors[f"{t.layer}.{name}"] = param.detach().cpu()
                 for k, v in t.opt.state[param].items():  # step, exp_avg, exp_avg_sq (none before step 1)
                     tensors[f"{t.layer}.adam.{name}.{k}"] = v.cpu()
-            for k in ("since_fired", "fires", "density"):
+            for k in ("since_fired", "fires", "density", "scale"):
                 tensors[f"{t.layer}.{k}"] = getattr(t, k).cpu()
         meta = {"step": str(step), "source": json.dumps(source.state_dict())}
         path = os.path.join(run, f"ckpt-{step:09d}-rank{RANK}.safetensors")
@@ -413,7 +435,7 @@ def load_checkpoint(run, trainees, gen, source, args):
                           for i, (name, _) in enumerate(t.sae.named_parameters())
                           if f"{t.layer}.adam.{name}.step" in tensors}
         t.opt.load_state_dict(state)
-        for k in ("since_fired", "fires", "density"):
+        for k in ("since_fired", "fires", "density", "scale"):
             setattr(t, k, tensors[f"{t.layer}.{k}"].to(args.device))
     gen.set_state(tensors["generator"])
     source.load_state_dict(json.loads(meta["source"]))
@@ -426,9 +448,10 @@ def load_checkpoint(run, trainees, gen, source, args):
 class Trainee:
     """One layer's SAE and what its training keeps track of."""
 
-    def __init__(self, layer, sae, opt, device):
+    def __init__(self, layer, sae, opt, device, scale=1.0):
         m = sae.b_enc.shape[0]
         self.layer, self.sae, self.opt = layer, sae, opt
+        self.scale = torch.tensor(float(scale), device=device)  # the SAE sees x * scale (--normalize)
         self.since_fired = torch.zeros(m, dtype=torch.long, device=device)  # steps since each feature fired
         self.fires = torch.zeros(m, device=device)       # activations counted in the current density window
         self.density = torch.zeros(m, device=device)     # firing rate over the last full window
@@ -443,15 +466,22 @@ def lr_at(step, args):
     return args.lr
 
 
+def dead_after(args):
+    """Steps without firing after which a feature is dead (and gets ghost gradients)."""
+    tokens = args.dead_tokens if args.dead_tokens is not None else min(5000 * 4096, args.tokens // 10)
+    return max(1, math.ceil(tokens / args.batch))
+
+
 def train_step(t, x, step, args, autocast, log, shared=False):
     """One optimizer step of one SAE on x [B, d]; returns the metrics when `log`. shared: x is
     this rank's slice of the batch, and every rank holds a copy of the SAE."""
     batch_mean = all_mean if shared else (lambda v: v)
+    x = x * t.scale
     lr = lr_at(step, args)
     l1 = args.l1 * min(1.0, (step + 1) / args.l1_warmup) if args.l1_warmup else args.l1
     for group in t.opt.param_groups:
         group["lr"] = lr
-    dead = torch.nonzero(t.since_fired >= args.dead_window).squeeze(1) if args.ghost_grads else None
+    dead = torch.nonzero(t.since_fired >= dead_after(args)).squeeze(1) if args.ghost_grads else None
     with autocast():
         loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
     t.opt.zero_grad(set_to_none=True)
@@ -479,7 +509,7 @@ def train_step(t, x, step, args, autocast, log, shared=False):
         record = {k: batch_mean(v).item() for k, v in parts.items()}
         return {**record, "loss": batch_mean(loss.detach()).item(), "l0": fires.sum().item() / args.batch,
                 "explained_variance": batch_mean(explained.mean()).item(),
-                "dead_pct": 100 * (t.since_fired >= args.dead_window).float().mean().item(), "lr": lr}
+                "dead_pct": 100 * (t.since_fired >= dead_after(args)).float().mean().item(), "lr": lr}
 
 
 def check_run_folder(args):
@@ -513,6 +543,10 @@ def settings_for_resume(args):
         raise ValueError(f"{args.resume} has no checkpoint to resume from (finished, or stopped before the first)")
     with open(path) as f:
         saved = argparse.Namespace(**json.load(f))
+    missing = sorted(set(vars(args)) - set(vars(saved)))
+    if missing:
+        raise ValueError(f"{path} has no setting for --{', --'.join(missing)}: the run was started by an older "
+                         f"train_sae.py; resume it with that version")
     # The run continues as it began; only where it runs may change, and the folder may have moved.
     saved.resume, saved.out, saved.device = args.resume, args.resume, args.device
     return saved
@@ -557,8 +591,8 @@ def check_args(args):
     for flag in ("d_sae", "batch", "tokens", "buffer", "gpt2_batch", "log_every", "density_window", "checkpoint_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
-    for flag in ("lr_warmup", "l1_warmup", "dead_window", "l1", "clip_grad"):
-        if getattr(args, flag) < 0:
+    for flag in ("lr_warmup", "l1_warmup", "dead_tokens", "l1", "clip_grad"):
+        if (getattr(args, flag) or 0) < 0:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
@@ -593,11 +627,13 @@ def train(args):
     for j, layer in enumerate(owned):
         # Seeded by layer, so that an SAE does not depend on which other layers train beside it.
         sae = SAE(source.d, args.d_sae, seed=args.seed * 1000 + layer).to(args.device)
+        scale = 1.0
         if kept is not None:
-            with torch.no_grad():
-                sae.b_dec.copy_(geometric_median(kept[:, j]))
+            if args.normalize:  # mean norm sqrt(d): a norm of 10 or of 1000 trains alike
+                scale = math.sqrt(source.d) / kept[:, j].norm(dim=1).mean().item()
+            init_from_data(sae, kept[:, j] * scale)
         opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
-        trainees.append(Trainee(layer, sae, opt, args.device))
+        trainees.append(Trainee(layer, sae, opt, args.device, scale))
     step = 0
     if args.resume:
         kept, step = load_checkpoint(args.out, trainees, gen, source, args)
@@ -665,7 +701,7 @@ def run_steps(args, trainees, source, kept, gen, step, stop, autocast, shared):
     if args.parallel == "layers" or RANK == 0:
         for t in trainees:
             density = t.density if step >= args.density_window else t.fires / (step * args.batch)
-            save_sae(os.path.join(args.out, hook_name(t.layer)), t.sae, density, t.layer, args)
+            save_sae(os.path.join(args.out, hook_name(t.layer)), t.sae, density, t.layer, args, t.scale.item())
     if WORLD > 1:
         dist.barrier()
     if RANK == 0:  # the SAEs are saved: the checkpoint is spent
