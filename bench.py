@@ -207,7 +207,7 @@ def cpu_step():
             theirs = float(r.stdout.strip().splitlines()[-1])
             rows.append(["SAELens StandardTrainingSAE (MSE sum, L1 x ||W_dec||, clip 1.0)", f"{theirs:.3f}", "1.00x"])
     for name, loss, clip in [("ours, --loss saelens --clip_grad 1 (the same math)", "saelens", 1.0),
-                             ("ours, default: the seed's loss, unit-norm decoder", "seed", 0.0)]:
+                             ("ours, the seed's recipe: its loss, unit-norm decoder, no clip", "seed", 0.0)]:
         s = ours_step_seconds("cpu", batch, args.step_reps, loss, "fp32", clip)
         rows.append([name, f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-"])
     gflop = 5 * 2 * batch * D * M / 1e9

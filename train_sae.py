@@ -58,7 +58,9 @@ p.add_argument("--dead_tokens", type=int, default=None,
                help="a feature is dead after this many training tokens without firing (default: Bloom's 5,000 "
                     "steps of 4,096, 20.48M, or a tenth of --tokens if that is less, so short runs revive too)")
 p.add_argument("--density_window", type=int, default=1000, help="steps over which feature density is counted")
-p.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, the seed's)")
+p.add_argument("--clip_grad", type=float, default=1.0,
+               help="clip the gradient norm to this (0: off, the seed's). Not the seed's: it won by 0.16 explained "
+                    "variance on real activations with --loss saelens, and never acts on the seed's small loss")
 p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                help="scale the inputs so that their mean norm is sqrt(d_model), from the first half-buffer; the "
                     "factor is folded back into the saved weights. The same --l1 then means the same on any model")
