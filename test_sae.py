@@ -633,33 +633,36 @@ def test_seed_loss_is_homogeneous_so_bloom_l1_is_unchanged_by_normalizing(dead):
         assert torch.allclose(parts_s[k], s * parts[k], rtol=1e-5), k
     assert torch.allclose(loss_s, s * loss, rtol=1e-5)
 
-def test_dead_features_revive_within_a_short_run():
+@pytest.mark.parametrize("mechanism", ["ghost", "resample", "none"])
+def test_dead_features_revive_within_a_short_run(mechanism):
     """Half the features start dead (their b_enc below every pre-activation on the data). In a
     300-step run, far shorter than the old 5,000-step window, the window scaled to the run
-    (30 steps) lets ghost gradients bring most of them back; without them they stay dead."""
+    (30 steps) lets ghost gradients, or resampling every 64 steps, bring most of them back;
+    with neither they stay dead."""
     g = torch.Generator().manual_seed(0)
     atoms = torch.randn(96, 16, generator=g)
     atoms /= atoms.norm(dim=1, keepdim=True)
     data = ((torch.rand(20_000, 96, generator=g) < 4 / 96) * torch.rand(20_000, 96, generator=g)) @ atoms
     steps, batch = 300, 256
-    never_fired = {}
-    for ghost in (True, False):
-        sae = train_sae.SAE(16, 64)
-        with torch.no_grad():
-            train_sae.init_from_data(sae, data)
-            pre = (data - sae.b_dec) @ sae.W_enc
-            sae.b_enc[:32] = -pre[:, :32].max(0).values - 0.05                   # dead by construction
-        args = train_sae.p.parse_args(["--batch", str(batch), "--tokens", str(steps * batch), "--lr", "1e-3",
-                                       "--lr_warmup", "10", "--l1", "1e-3", "--kernels", "torch",
-                                       "--ghost_grads" if ghost else "--no-ghost_grads"])
-        assert train_sae.dead_after(args) == 30
-        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
-        for step in range(steps):
-            x = data[torch.randint(len(data), (batch,), generator=g)]
-            train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
-        with torch.no_grad():
-            never_fired[ghost] = (sae(data)[1][:, :32] > 0).sum(0).eq(0).sum().item()
-    assert never_fired[True] <= 8 and never_fired[False] == 32, never_fired
+    sae = train_sae.SAE(16, 64)
+    with torch.no_grad():
+        train_sae.init_from_data(sae, data)
+        pre = (data - sae.b_dec) @ sae.W_enc
+        sae.b_enc[:32] = -pre[:, :32].max(0).values - 0.05                   # dead by construction
+    args = train_sae.p.parse_args(["--batch", str(batch), "--tokens", str(steps * batch), "--lr", "1e-3",
+                                   "--lr_warmup", "10", "--l1", "1e-3", "--kernels", "torch",
+                                   "--ghost_grads" if mechanism == "ghost" else "--no-ghost_grads"])
+    assert train_sae.dead_after(args) == 30
+    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+    for step in range(steps):
+        if mechanism == "resample" and step % 64 == 0:  # what run_steps does at each refill
+            train_sae.resample_dead(t, data[:4096], args, step)
+        x = data[torch.randint(len(data), (batch,), generator=g)]
+        train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
+    with torch.no_grad():
+        never_fired = (sae(data)[1][:, :32] > 0).sum(0).eq(0).sum().item()
+    assert never_fired <= 8 if mechanism != "none" else never_fired == 32, never_fired
+
 
 def test_it_learns_a_known_dictionary(tmp_path):
     """64 unit atoms in d = 32, about 3 active per sample, on a shared offset as residuals have."""
@@ -1144,8 +1147,8 @@ def assert_same_saes(a, b, layers, tol):
             assert err <= tol, (layer, k, err.item())
 
 
-# A one-batch dead window and a strong L1: enough features die for ghost grads to run.
-DIST = ("--d_sae", "512", "--dead_tokens", "64", "--l1", "3e-2")
+# A one-batch dead window and a strong L1: enough features die for ghost grads and resampling to run.
+DIST = ("--d_sae", "512", "--dead_tokens", "64", "--l1", "3e-2", "--resample")
 
 
 @pytest.fixture(scope="module")

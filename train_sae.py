@@ -57,6 +57,8 @@ p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=T
 p.add_argument("--dead_tokens", type=int, default=None,
                help="a feature is dead after this many training tokens without firing (default: Bloom's 5,000 "
                     "steps of 4,096, 20.48M, or a tenth of --tokens if that is less, so short runs revive too)")
+p.add_argument("--resample", action="store_true",
+               help="also restart dead features at each buffer refill on badly reconstructed inputs (Anthropic, 2023)")
 p.add_argument("--density_window", type=int, default=1000, help="steps over which feature density is counted")
 p.add_argument("--clip_grad", type=float, default=1.0,
                help="clip the gradient norm to this (0: off, the seed's). Not the seed's: it won by 0.16 explained "
@@ -468,6 +470,38 @@ def lr_at(step, args):
     return args.lr
 
 
+@torch.no_grad()
+def resample_dead(t, x, args, step):
+    """Anthropic's resampling (Towards Monosemanticity, 2023): each dead feature restarts on a
+    token of x [n, d] (scaled) drawn with probability proportional to its squared error. Its
+    decoder row becomes that error's direction and its encoder column the same direction at a
+    fifth of the live columns' mean norm, with b_enc 0 and fresh Adam moments, so it fires at
+    once on inputs like that one and learns what the live features miss. The draw is seeded by
+    the seed, the layer and the step: every rank and a resumed run draw alike, and a layer's SAE
+    does not depend on which others train beside it."""
+    dead = torch.nonzero(t.since_fired >= dead_after(args)).squeeze(1)
+    if not len(dead):
+        return
+    sae = t.sae
+    err = x - sae(x)[2]                                                  # [n, d]
+    if not err.any():
+        return
+    gen = torch.Generator(x.device).manual_seed((args.seed * 1000 + t.layer) * 10 ** 9 + step)
+    pick = torch.multinomial(err.pow(2).sum(1), len(dead), replacement=True, generator=gen)
+    u = err[pick] / err[pick].norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n_dead, d], unit rows
+    live = t.since_fired < dead_after(args)
+    enc_norm = sae.W_enc[:, live].norm(dim=0).mean() if live.any() else 1.0
+    dec_norm = sae.W_dec[live].norm(dim=1).mean() if live.any() else 1.0  # 1 under the seed's loss
+    sae.W_dec[dead] = u * dec_norm
+    sae.W_enc[:, dead] = u.T * 0.2 * enc_norm
+    sae.b_enc[dead] = 0
+    for param, index in ((sae.W_dec, dead), (sae.W_enc, (slice(None), dead)), (sae.b_enc, dead)):
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in t.opt.state[param]:
+                t.opt.state[param][k][index] = 0
+    t.since_fired[dead] = 0
+
+
 def dead_after(args):
     """Steps without firing after which a feature is dead (and gets ghost gradients)."""
     tokens = args.dead_tokens if args.dead_tokens is not None else min(5000 * 4096, args.tokens // 10)
@@ -688,6 +722,9 @@ def run_steps(args, trainees, source, kept, gen, step, stop, autocast, shared):
         mixed = torch.cat([kept, source.next(half)])                               # [2 half, layers, d]
         mixed = mixed[torch.randperm(len(mixed), generator=gen, device=args.device)]
         kept, served = mixed[:half], mixed[half:]
+        if args.resample:
+            for j, t in enumerate(trainees):
+                resample_dead(t, served[:16384, j] * t.scale, args, step)
         for i in range(min(per_half, total - step)):
             x = served[i * args.batch:(i + 1) * args.batch]                         # [batch, layers, d]
             if shared:
