@@ -61,8 +61,9 @@ p.add_argument("--resample", action="store_true",
                help="also restart dead features at each buffer refill on badly reconstructed inputs (Anthropic, 2023)")
 p.add_argument("--density_window", type=int, default=1000, help="steps over which feature density is counted")
 p.add_argument("--clip_grad", type=float, default=1.0,
-               help="clip the gradient norm to this (0: off, the seed's). Not the seed's: it won by 0.16 explained "
-                    "variance on real activations with --loss saelens, and never acts on the seed's small loss")
+               help="clip the gradient norm to this (0: off, the seed's). Not the seed's: on real activations with "
+                    "--loss saelens it gave 0.74 explained variance at L0 30, against 0.58 at L0 71 without; "
+                    "the seed's loss never reaches it")
 p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                help="scale the inputs so that their mean norm is sqrt(d_model), from the first half-buffer; the "
                     "factor is folded back into the saved weights. The same --l1 then means the same on any model")
