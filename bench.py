@@ -429,10 +429,12 @@ def realacts_score(path, x):
     return l0 / len(x), 1 - sq_err / total, (fires == 0).float().mean().item()
 
 
-def interpolate_ev(frontier, l0):
-    """EV at l0 on a frontier [(L0, EV, dead)], linear in log L0; None outside it."""
+def interpolate_ev(points, l0):
+    """(EV, dead) at l0 on the frontier of points [(L0, EV, dead)], linear in log L0; None
+    outside it. The frontier keeps the points that no other beats on both L0 and EV (a λ so
+    large that features die can give a higher L0 than a smaller λ, at a lower EV)."""
     import math
-    pts = sorted(frontier)
+    pts = sorted(p for p in points if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points))
     for (a, ea, da), (b, eb, db) in zip(pts, pts[1:]):
         if a <= l0 <= b:
             t = (math.log(l0) - math.log(a)) / (math.log(b) - math.log(a))
@@ -493,7 +495,7 @@ def realacts():
             if ours and theirs:
                 rows.append([l0, f"{ours[0]:.4f}", f"{theirs[0]:.4f}", f"{ours[0] - theirs[0]:+.4f}",
                              f"{ours[1]:.2%}", f"{theirs[1]:.2%}"])
-        table(f"{family} against SAELens at equal L0 (linear in log L0)",
+        table(f"{family} against SAELens at equal L0 (each frontier linear in log L0)",
               ["L0", "EV", "SAELens EV", "gain", "dead", "SAELens dead"], rows)
 
 
