@@ -381,7 +381,7 @@ def cuda_ranks():
 # few points at a time.
 
 SAELENS_TRAIN = """
-import numpy as np, torch
+import os, numpy as np, torch
 from safetensors.torch import save_file
 from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig, LoggingConfig
@@ -409,7 +409,7 @@ for step, xb in zip(range(steps), batches()):
     if (step + 1) % 50 == 0:
         print(f"SAELens l1 {{l1}}: step {{step + 1}}, L0 {{(result.feature_acts > 0).sum(1).float().mean():.1f}}", flush=True)
 save_file({{k: getattr(sae, k).detach().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}}, out + ".tmp")
-import os; os.replace(out + ".tmp", out)
+os.replace(out + ".tmp", out)
 """
 
 

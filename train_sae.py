@@ -480,7 +480,8 @@ def resample_dead(t, x, args, step):
     once on inputs like that one and learns what the live features miss. The draw is seeded by
     the seed, the layer and the step: every rank and a resumed run draw alike, and a layer's SAE
     does not depend on which others train beside it."""
-    dead = torch.nonzero(t.since_fired >= dead_after(args)).squeeze(1)
+    is_dead = t.since_fired >= dead_after(args)                          # [m]
+    dead = torch.nonzero(is_dead).squeeze(1)
     if not len(dead):
         return
     sae = t.sae
@@ -490,7 +491,7 @@ def resample_dead(t, x, args, step):
     gen = torch.Generator(x.device).manual_seed((args.seed * 1000 + t.layer) * 10 ** 9 + step)
     pick = torch.multinomial(err.pow(2).sum(1), len(dead), replacement=True, generator=gen)
     u = err[pick] / err[pick].norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n_dead, d], unit rows
-    live = t.since_fired < dead_after(args)
+    live = ~is_dead
     enc_norm = sae.W_enc[:, live].norm(dim=0).mean() if live.any() else 1.0
     dec_norm = sae.W_dec[live].norm(dim=1).mean() if live.any() else 1.0  # 1 under the seed's loss
     sae.W_dec[dead] = u * dec_norm
