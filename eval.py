@@ -45,7 +45,8 @@ p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu
 p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {gpt2.default_cache_dir()})")
 
 # -----------------------------------------------------------------------------
-# SAE folders in SAELens's format: ours, or anyone's standard ReLU SAE on a resid_pre hook.
+# SAE folders in SAELens's format: ours, or anyone's standard (ReLU), TopK or JumpReLU SAE on a
+# resid_pre hook.
 
 def find_sae_folders(paths):
     folders = []
@@ -67,24 +68,35 @@ def load_sae(folder, d_model):
     """(SAE, its layer, whether it reads centred residuals) from a SAELens-format folder."""
     with open(os.path.join(folder, "cfg.json")) as f:
         cfg = json.load(f)
-    expect = {"architecture": "standard", "activation_fn_str": "relu", "normalize_activations": "none"}
-    for key, want in expect.items():
-        if cfg.get(key, want) != want:
-            raise ValueError(f"{folder}: cfg.json has {key} {cfg[key]!r}, expected {want!r}")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(f"{folder}: cfg.json has normalize_activations {cfg['normalize_activations']!r}, expected 'none'")
+    # SAELens 6 names the architecture; older folders say topk through activation_fn_str.
+    arch, fn = cfg.get("architecture", "standard"), cfg.get("activation_fn_str", "relu")
+    arch = "topk" if (arch, fn) == ("standard", "topk") else arch
+    if arch not in ("standard", "topk", "jumprelu") or (arch != "topk" and fn != "relu"):
+        raise ValueError(f"{folder}: cfg.json has architecture {arch!r} with activation_fn_str {fn!r}, expected "
+                         f"'standard' or 'jumprelu' with 'relu', or 'topk'")
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    if arch == "topk" and not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"{folder}: cfg.json has k {k!r} for a topk SAE, expected a positive integer")
     hook = cfg.get("hook_name", "")
     parts = hook.split(".")
     if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_pre" or not parts[1].isdigit():
         raise ValueError(f"{folder}: hook_name {hook!r}, expected blocks.L.hook_resid_pre")
     w = load_file(os.path.join(folder, "sae_weights.safetensors"))
-    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
+    for key in keys:
         if key not in w:
             raise ValueError(f"{folder}: sae_weights.safetensors has no {key}")
     d, m = w["W_enc"].shape
-    if d != d_model or w["W_dec"].shape != (m, d) or w["b_enc"].shape != (m,) or w["b_dec"].shape != (d,):
-        raise ValueError(f"{folder}: weights of shapes {[list(w[k].shape) for k in ('W_enc', 'b_enc', 'W_dec', 'b_dec')]}, "
-                         f"expected [{d_model}, m], [m], [m, {d_model}], [{d_model}]")
-    sae = train_sae.SAE(d, m)
-    w = {k: w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    shapes = {"W_enc": (d_model, m), "b_enc": (m,), "W_dec": (m, d_model), "b_dec": (d_model,), "threshold": (m,)}
+    if any(w[name].shape != shapes[name] for name in keys):
+        raise ValueError(f"{folder}: weights of shapes {[list(w[name].shape) for name in keys]}, expected "
+                         f"{[list(shapes[name]) for name in keys]} with m = {m}")
+    if arch == "topk" and k > m:
+        raise ValueError(f"{folder}: cfg.json has k {k}, expected at most d_sae {m}")
+    sae = train_sae.SAE(d, m, arch={"standard": "relu"}.get(arch, arch), k=k)
+    w = {name: w[name].float() for name in keys}
     if not cfg.get("apply_b_dec_to_input", True):  # x W_enc + b_enc == (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
     sae.load_state_dict(w)

@@ -10,6 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when kernels are defined: before tr
 
 import http.server
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import eval as evaluation  # "eval" would shadow the builtin
 import gpt2
 import kernels
 import train_sae
@@ -664,22 +666,147 @@ def test_dead_features_revive_within_a_short_run(mechanism):
     assert never_fired <= 8 if mechanism != "none" else never_fired == 32, never_fired
 
 
-def test_it_learns_a_known_dictionary(tmp_path):
-    """64 unit atoms in d = 32, about 3 active per sample, on a shared offset as residuals have."""
+def known_dictionary(path, n=100_000):
+    """64 unit atoms in d = 32, about 3 active per sample, on a shared offset as residuals have;
+    the samples are written to `path` (.npy)."""
     g = torch.Generator().manual_seed(0)
     atoms = torch.randn(64, 32, generator=g)
     atoms /= atoms.norm(dim=1, keepdim=True)
     offset = torch.randn(32, generator=g) * 5 / 32 ** 0.5
-    active = torch.rand(100_000, 64, generator=g) < 3 / 64
-    x = ((1 + torch.rand(100_000, 64, generator=g)) * active) @ atoms + offset
-    np.save(tmp_path / "acts.npy", x.numpy())
+    active = torch.rand(n, 64, generator=g) < 3 / 64
+    x = ((1 + torch.rand(n, 64, generator=g)) * active) @ atoms + offset
+    np.save(path, x.numpy())
+    return atoms
+
+
+def recovered(atoms, folder):
+    """The share of atoms with a decoder row within cosine 0.9 of them."""
+    W = load_file(os.path.join(folder, "sae_weights.safetensors"))["W_dec"]
+    return ((atoms @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values > 0.9).float().mean().item()
+
+
+def test_it_learns_a_known_dictionary(tmp_path):
+    atoms = known_dictionary(tmp_path / "acts.npy")
     train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", "128", "--batch", "1024",
                     "--tokens", str(5000 * 1024), "--buffer", "16384", "--lr", "1e-3", "--l1", "3.6e-3",
                     "--lr_warmup", "100", "--dead_tokens", str(1000 * 1024), "--no-center", "--out", str(tmp_path / "run"),
                     "--log_every", "1000", "--device", "cpu"])
-    W = load_file(str(tmp_path / "run" / "blocks.9.hook_resid_pre" / "sae_weights.safetensors"))["W_dec"]
-    best = (atoms @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values  # each atom's closest decoder row
-    assert (best > 0.9).float().mean() >= 0.9
+    assert recovered(atoms, tmp_path / "run" / "blocks.9.hook_resid_pre") >= 0.9
+
+
+# -----------------------------------------------------------------------------
+# TopK and BatchTopK (--arch)
+
+def reference_topk_loss(P, x, arch, k, dead, k_aux, coef):
+    """The TopK loss in float64 from the formulas alone, dense [B, m] masks and plain autograd:
+    the loss, and the mask of features that fire."""
+    x = x.double()
+    pre = (x - P["b_dec"]) @ P["W_enc"] + P["b_enc"]                                  # [B, m]
+    B, m = pre.shape
+    with torch.no_grad():
+        if arch == "topk":
+            keep = torch.zeros(B, m, dtype=torch.bool).scatter_(1, pre.topk(k, dim=1).indices, True)
+        else:
+            keep = pre >= pre.flatten().topk(B * k).values.min()
+        keep &= pre > 0
+    x_hat = (pre * keep) @ P["W_dec"] + P["b_dec"]
+    nmse = lambda a, b: (a - b).pow(2).sum(1).mean() / (b - b.mean(0)).pow(2).sum(1).mean()
+    loss = nmse(x_hat, x)
+    if dead is not None:
+        with torch.no_grad():
+            among_dead = torch.full_like(pre, -math.inf)
+            among_dead[:, dead] = pre[:, dead]
+            aux = torch.zeros(B, m, dtype=torch.bool).scatter_(1, among_dead.topk(min(k_aux, len(dead)), dim=1).indices, True)
+        e = (x - x_hat).detach()
+        loss = loss + coef * nmse((pre * aux) @ P["W_dec"], e)
+    return loss, keep
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
+                         ids=["no-dead", "dead", "k_aux-capped"])
+def test_topk_step_matches_dense_float64(arch, dead, k_aux):
+    """The sparse step (kernels.SparsePre, sparse_decode) against a dense float64 formulation:
+    value, every gradient, and the count of what fires."""
+    sae, B, k = random_sae(), 16, 4
+    x = 2 * torch.randn(B, 12, generator=torch.Generator().manual_seed(5))
+    is_dead = torch.zeros(40, dtype=torch.bool)
+    is_dead[dead or []] = True
+    loss, parts, fires, x_hat, cut = train_sae.topk_loss(sae, x, arch, k, is_dead, k_aux, 0.25)
+    loss.backward()
+    P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
+    ref, keep = reference_topk_loss(P, x, arch, k, dead, k_aux, 0.25)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    for name, param in sae.named_parameters():
+        err = (param.grad.double() - P[name].grad).norm() / P[name].grad.norm()
+        assert err < 1e-5, (name, err.item())
+    assert (parts["auxk"].item() == 0) == (dead is None)  # exactly 0 with no dead features
+    # Exactly k per token (topk) or B k per batch (batchtopk), and those are what fire.
+    assert fires.sum() == B * k and torch.equal(fires, keep.sum(0))
+    per_token = keep.sum(1)
+    assert (per_token == k).all() if arch == "topk" else per_token.min() < k < per_token.max()
+    if arch == "batchtopk":  # the cut is the (B k)-th largest pre-activation
+        pre = (x.double() - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
+        assert abs(cut.item() - pre.flatten().topk(B * k).values.min().item()) < 1e-5
+
+
+def test_auxk_revives_dead_features():
+    """Half the features start dead (b_enc below every pre-activation they have on the data).
+    300 steps with AuxK bring most of them back; without it they all stay dead."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(96, 16, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    data = ((torch.rand(20_000, 96, generator=g) < 4 / 96) * torch.rand(20_000, 96, generator=g)) @ atoms
+    steps, batch, never_fired = 300, 256, {}
+    for coef in ("0.03125", "0"):
+        sae = train_sae.SAE(16, 64, arch="topk", k=4)
+        with torch.no_grad():
+            train_sae.init_from_data(sae, data)
+            sae.b_enc[:32] = -((data - sae.b_dec) @ sae.W_enc[:, :32]).max(0).values - 0.05  # dead by construction
+        args = train_sae.p.parse_args(["--arch", "topk", "--k", "4", "--batch", str(batch), "--tokens", str(steps * batch),
+                                       "--lr", "1e-3", "--lr_warmup", "10", "--auxk_coef", coef, "--k_aux", "16"])
+        assert train_sae.dead_after(args) == 30
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        order = torch.Generator().manual_seed(1)
+        for step in range(steps):
+            x = data[torch.randint(len(data), (batch,), generator=order)]
+            train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
+        with torch.no_grad():
+            never_fired[coef] = (sae(data)[1][:, :32] > 0).sum(0).eq(0).sum().item()
+    assert never_fired["0"] == 32 and never_fired["0.03125"] <= 8, never_fired
+
+
+def known_dictionary_run(tmp_path, *flags, steps):
+    """Train on the known dictionary's samples; (atoms, the SAE as saved, 10,000 held-out samples)."""
+    atoms = known_dictionary(tmp_path / "all.npy", n=110_000)
+    x = np.load(tmp_path / "all.npy")
+    np.save(tmp_path / "train.npy", x[:100_000])
+    train_sae.main(["--activations", str(tmp_path / "train.npy"), "--d_sae", "128", "--batch", "1024",
+                    "--tokens", str(steps * 1024), "--buffer", "16384", "--lr", "1e-3", "--lr_warmup", "100",
+                    "--no-center", "--out", str(tmp_path / "run"), "--log_every", "1000", "--device", "cpu", *flags])
+    folder = tmp_path / "run" / "blocks.9.hook_resid_pre"
+    sae, _, _ = evaluation.load_sae(str(folder), 32)
+    return atoms, folder, sae, torch.from_numpy(x[100_000:])
+
+
+def test_topk_learns_a_known_dictionary(tmp_path):
+    atoms, folder, sae, held_out = known_dictionary_run(tmp_path, "--arch", "topk", "--k", "3", steps=800)
+    assert recovered(atoms, folder) >= 0.9
+    with torch.no_grad():
+        per_token = (sae(held_out)[1] > 0).sum(1)
+    # Fewer only where a top pre-activation is <= 0: about 5% of the samples have no atom at all.
+    assert per_token.max() == 3 and (per_token == 3).double().mean() > 0.9
+
+
+def test_batchtopk_threshold_gives_k_at_inference(tmp_path):
+    """The saved JumpReLU, with the threshold learnt in training, fires k times per held-out
+    sample on average, within 10%."""
+    _, _, sae, held_out = known_dictionary_run(tmp_path, "--arch", "batchtopk", "--k", "3", steps=800)
+    assert sae.arch == "jumprelu" and sae.threshold.min() == sae.threshold.max() > 0
+    with torch.no_grad():
+        l0 = (sae(held_out)[1] > 0).sum(1).double().mean().item()
+    assert abs(l0 - 3) <= 0.3, l0
 
 
 @pytest.fixture(scope="module")
@@ -760,6 +887,42 @@ def test_output_is_saelens_format_and_reloads(tiny, tmp_path):
     train_sae.main(tiny_args(tiny, out, "--layer", "1", "--force"))
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
+    """topk is saved as SAELens's "topk" with its k; batchtopk as "jumprelu" with the threshold
+    learnt in training. eval.py's loader reads both back to the trained function."""
+    out = tmp_path / "run"
+    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1", "--arch", arch, "--k", "4"))
+    folder = out / "blocks.1.hook_resid_pre"
+    cfg, weights = json.load(open(folder / "cfg.json")), sae_weights(folder)
+    s = t.scale.item()
+    if arch == "topk":
+        assert (cfg["architecture"], cfg["k"], cfg["activation_fn_kwargs"]) == ("topk", 4, {"k": 4})
+        assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    else:
+        assert (cfg["architecture"], cfg["activation_fn_str"]) == ("jumprelu", "relu")
+        theta = weights["threshold"]
+        assert theta.shape == (64,) and (theta == theta[0]).all() and theta[0] > 0
+        assert abs(theta[0].item() - t.sae.threshold[0].item() / s) < 1e-6 * theta[0].item()  # in input units
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert {"mse", "auxk", "l0", "explained_variance", "dead_pct"} <= set(records[-1])
+    assert ("threshold" in records[-1]) == (arch == "batchtopk") and "l1" not in records[-1]
+    sae, layer, center = evaluation.load_sae(str(folder), 64)
+    x = 3 * torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, f_trained, x_hat_trained = t.sae(x * s)
+        _, f, x_hat = sae(x)
+        assert torch.allclose(f, f_trained / s, atol=1e-5) and torch.allclose(x_hat, x_hat_trained / s, atol=1e-5)
+        # SAELens's forward, written out.
+        pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+        if arch == "topk":
+            top = pre.topk(4, dim=1)
+            ref = torch.zeros_like(pre).scatter_(1, top.indices, torch.relu(top.values))
+        else:
+            ref = torch.relu(pre) * (pre > weights["threshold"])
+        assert torch.allclose(f, ref, atol=1e-5) and (f > 0).any()
+
+
 def run_train(args, signal_after_checkpoint=None):
     """train_sae.py in a subprocess; optionally sent a signal as soon as a checkpoint exists."""
     proc = subprocess.Popen([sys.executable, "train_sae.py", *args], cwd=HERE, stdout=subprocess.DEVNULL,
@@ -793,6 +956,21 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how):
     logged = [(r["step"], r["layer"]) for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl"))]
     assert logged == [(s, layer) for s in range(4, 201, 4) for layer in (0, 2)]  # none twice, none lost
     assert not [n for n in os.listdir(tmp_path / "cut") if n.startswith(("ckpt-", "checkpoint"))]  # spent
+
+
+def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path):
+    """The threshold and AuxK's dead-feature counters are checkpointed too (AuxK is on: an
+    8-batch dead window at k 2 leaves features dead)."""
+    extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", "batchtopk", "--k", "2"]
+    code, err = run_train(tiny_args(tiny, tmp_path / "whole", *extra, steps=120))
+    assert code == 0, err
+    assert any(json.loads(line)["auxk"] > 0 for line in open(tmp_path / "whole" / "log.jsonl"))
+    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=120), signal_after_checkpoint=signal.SIGKILL)
+    assert code == -9 and not os.path.exists(tmp_path / "cut" / "blocks.1.hook_resid_pre"), err
+    code, err = run_train(["--resume", str(tmp_path / "cut")])
+    assert code == 0 and "resumed" in err, err
+    whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "cut"))
+    assert set(whole) == set(cut) and all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -936,11 +1114,9 @@ def test_training_steps_triton_equal_torch():
 # -----------------------------------------------------------------------------
 # Evaluation (eval.py)
 
-import eval as evaluation  # noqa: E402  ("eval" would shadow the builtin)
-
-
-def write_sae_folder(folder, weights, layer, center, apply_b_dec=True):
-    """A SAELens-format folder written by hand, with the flat pre-6.0 cfg.json of Bloom's releases."""
+def write_sae_folder(folder, weights, layer, center, apply_b_dec=True, arch="standard"):
+    """A SAELens-format folder written by hand, with the flat pre-6.0 cfg.json of Bloom's releases
+    (and SAELens 6's architecture and k, for topk and jumprelu)."""
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, "sae_weights.safetensors"))
     d, m = weights["W_enc"].shape
@@ -950,6 +1126,7 @@ def write_sae_folder(folder, weights, layer, center, apply_b_dec=True):
            "hook_head_index": None, "prepend_bos": True, "dataset_path": "Skylion007/openwebtext",
            "normalize_activations": "none", "dtype": "float32", "device": "cpu",
            "model_from_pretrained_kwargs": {"center_writing_weights": center}}
+    cfg.update({"architecture": arch, **({"k": TOPK} if arch == "topk" else {})})
     with open(os.path.join(folder, "cfg.json"), "w") as f:
         json.dump(cfg, f)
     return folder
@@ -960,7 +1137,10 @@ def eval_args(tiny, *folders, tokens=10 ** 6):
             "--tokens", str(tokens), "--device", "cpu"]
 
 
-def reference_metrics(tiny, weights, layer, center, apply_b_dec=True):
+TOPK = 8  # the k of hand-written topk folders
+
+
+def reference_metrics(tiny, weights, layer, center, apply_b_dec=True, arch="standard"):
     """Every metric in float64, from the formulas, on the same held-out contexts."""
     model = gpt2.from_pretrained(tiny[0]).double()
     idx = gpt2.Contexts(gpt2.corpus(tiny[1], "eval", 16), 16).next(10 ** 6)          # all held-out contexts
@@ -969,7 +1149,12 @@ def reference_metrics(tiny, weights, layer, center, apply_b_dec=True):
         resid = model.residuals(idx, [layer])[layer]                                   # [n, T, d]
         mean = resid.mean(-1, keepdim=True) if center else torch.zeros_like(resid[..., :1])
         x = resid - mean
-        f = torch.relu((x - W["b_dec"] * apply_b_dec) @ W["W_enc"] + W["b_enc"])
+        pre = (x - W["b_dec"] * apply_b_dec) @ W["W_enc"] + W["b_enc"]
+        if arch == "topk":
+            top = pre.topk(TOPK, dim=-1)
+            f = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+        else:
+            f = torch.relu(pre) * (pre > W["threshold"] if arch == "jumprelu" else 1)
         x_hat = f @ W["W_dec"] + W["b_dec"]
         ce = lambda logits: torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), idx[:, 1:], reduction="none")
         clean, spliced = model.logits_from(resid, layer), model.logits_from(x_hat + mean, layer)
@@ -994,14 +1179,18 @@ def random_sae_weights(d, m, seed):
             "W_dec": torch.randn(m, d, generator=g) / d ** 0.5, "b_dec": 0.1 * torch.randn(d, generator=g)}
 
 
-@pytest.mark.parametrize("center, apply_b_dec", [(True, True), (False, True), (True, False)],
-                         ids=["bloom-style-centred", "uncentred", "b_dec-not-subtracted"])
-def test_eval_metrics_match_float64(tiny, tmp_path, center, apply_b_dec):
+@pytest.mark.parametrize("center, apply_b_dec, arch", [(True, True, "standard"), (False, True, "standard"),
+                                                      (True, False, "standard"), (True, True, "topk"),
+                                                      (True, True, "jumprelu")],
+                         ids=["bloom-style-centred", "uncentred", "b_dec-not-subtracted", "topk", "jumprelu"])
+def test_eval_metrics_match_float64(tiny, tmp_path, center, apply_b_dec, arch):
     weights = random_sae_weights(64, 96, seed=3)
-    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", weights, 2, center, apply_b_dec)
+    if arch == "jumprelu":  # thresholds per feature, as a JumpReLU SAE published in SAELens format has
+        weights["threshold"] = 0.5 * torch.rand(96, generator=torch.Generator().manual_seed(4))
+    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", weights, 2, center, apply_b_dec, arch)
     evaluation.main(eval_args(tiny, folder))
     got = json.load(open(folder / "eval.json"))
-    ref = reference_metrics(tiny, weights, 2, center, apply_b_dec)
+    ref = reference_metrics(tiny, weights, 2, center, apply_b_dec, arch)
     assert got["tokens"] == ref["tokens"] and got["dead"] == ref["dead"] and got["centered_input"] == center
     # CE recovered divides by CE_zero - CE_clean, a few thousandths on a random model, so its
     # float32 error is amplified: its parts are checked against float64, the ratio against them.
@@ -1174,6 +1363,25 @@ def test_torchrun_data_parallel_equals_one_process(tiny, tmp_path, single_runs):
     assert [r["step"] for r in ours] == list(range(4, 201, 4))
     for a, b in zip(ours, theirs):  # the logged metrics are the whole batch's too
         assert all(abs(a[k] - b[k]) <= 1e-4 * max(1e-3, abs(b[k])) for k in ("mse", "l1", "ghost", "l0", "dead_pct"))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_torchrun_data_parallel_topk_equals_one_process(tiny, tmp_path, arch):
+    """Each rank holds half of every batch. BatchTopK's cut is the whole batch's, found from every
+    rank's candidates, so every rank keeps what one process would and moves the threshold alike."""
+    flags = ("--layer", "2", "--arch", arch, "--k", "2", "--d_sae", "256", "--dead_tokens", "256")
+    code, err = run_train(tiny_args(tiny, tmp_path / "one", *flags, steps=100))
+    assert code == 0, err
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train_sae.py", *tiny_args(tiny, tmp_path / "dp", *flags, "--parallel", "data", steps=100)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_saes(tmp_path / "one", tmp_path / "dp", [2], tol=1e-5)
+    ours, theirs = ([json.loads(line) for line in open(run / "log.jsonl")] for run in (tmp_path / "dp", tmp_path / "one"))
+    assert any(r["auxk"] > 0 for r in theirs)
+    keys = ("mse", "auxk", "l0", "dead_pct") + (("threshold",) if arch == "batchtopk" else ())
+    for a, b in zip(ours, theirs):
+        assert all(abs(a[k] - b[k]) <= 1e-4 * max(1e-3, abs(b[k])) for k in keys), (a, b)
 
 
 def test_layer_parallel_equals_one_process(tiny, tmp_path, single_runs):

@@ -5,12 +5,18 @@ Train sparse autoencoders (SAEs) on GPT-2 small's residual stream, one per layer
     python train_sae.py --layer 3,7,9        # three SAEs fed by one GPT-2 forward
     python train_sae.py --layer all          # all twelve
     python train_sae.py --resume runs/L9     # continue a stopped run
+    python train_sae.py --layer 9 --arch topk --k 32   # a TopK SAE (Gao et al., 2024)
 
 The recipe is Bloom's (Feb 2024): a ReLU SAE with unit-norm decoder rows, the seed's normalised
 MSE plus an L1 penalty, Adam at 4e-4 with a linear warm-up, b_dec started at the geometric
 median, a shuffled mixing buffer of activations, and ghost gradients for dead features, done
 as Anthropic specified them (exp of the pre-activation; the release used exp(relu(.)), which
 gives dead features no gradient at all).
+
+--arch topk and batchtopk train the recipe the field moved to in 2024: the k largest
+pre-activations of each token (TopK, Gao et al.) or the B k largest of each batch (BatchTopK,
+Bussmann et al.) are kept, the loss is the reconstruction error alone, and AuxK, in place of
+ghost gradients, trains the dead features to reconstruct what the live ones miss.
 
 Each SAE is written in SAELens's on-disk format to RUN/blocks.L.hook_resid_pre/. The run
 folder also holds the JSONL log and, while the run is unfinished, a checkpoint.
@@ -48,15 +54,26 @@ p.add_argument("--batch", type=int, default=4096, help="activations per optimize
 p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate")
 p.add_argument("--lr_warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
-p.add_argument("--l1", type=float, default=8e-5, help="L1 coefficient")
-p.add_argument("--l1_warmup", type=int, default=0, help="steps of linear L1 warm-up (0: none, the seed's)")
+p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
+               help="relu: ReLU and an L1 penalty (the seed's); topk: each token's k largest pre-activations; "
+                    "batchtopk: the batch's B*k largest, saved as a JumpReLU with the threshold learnt in training")
+p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token (batchtopk: on average)")
+p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
+p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
+p.add_argument("--threshold_rate", type=float, default=0.01,
+               help="batchtopk: the threshold is a running average of each batch's smallest kept activation, at this rate")
+p.add_argument("--l1", type=float, default=8e-5, help="relu: L1 coefficient")
+p.add_argument("--l1_warmup", type=int, default=0, help="relu: steps of linear L1 warm-up (0: none, the seed's)")
 p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
-               help="seed: MSE/||x|| averaged over d, plain L1, unit-norm decoder rows; "
-                    "saelens: SAELens v6, MSE summed over d, L1 weighted by decoder row norms, free decoder")
-p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=True, help="ghost gradients for dead features")
+               help="relu: seed: MSE/||x|| averaged over d, plain L1, unit-norm decoder rows; saelens: SAELens v6, "
+                    "MSE summed over d, L1 weighted by decoder row norms, free decoder. topk and batchtopk ignore it: "
+                    "their loss is the normalised MSE, with unit-norm decoder rows")
+p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=True,
+               help="relu: ghost gradients for dead features (topk and batchtopk ignore it: they use AuxK)")
 p.add_argument("--dead_tokens", type=int, default=None,
-               help="a feature is dead after this many training tokens without firing (default: Bloom's 5,000 "
-                    "steps of 4,096, 20.48M, or a tenth of --tokens if that is less, so short runs revive too)")
+               help="a feature is dead after this many training tokens without firing (default: relu: Bloom's 5,000 "
+                    "steps of 4,096, 20.48M; topk, batchtopk: Gao et al.'s 10M; or a tenth of --tokens if that is "
+                    "less, so that short runs revive too)")
 p.add_argument("--resample", action="store_true",
                help="also restart dead features at each buffer refill on badly reconstructed inputs (Anthropic, 2023)")
 p.add_argument("--density_window", type=int, default=1000, help="steps over which feature density is counted")
@@ -101,7 +118,10 @@ p.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank wai
 # in plain torch and fused in Triton; this file holds what the loss does with their outputs.
 
 class SAE(nn.Module):
-    def __init__(self, d, m, seed=0):
+    """arch: "relu", "topk" (f = ReLU of each token's k largest pre-activations, 0 elsewhere) or
+    "jumprelu" (f = pre where pre > threshold; how a BatchTopK SAE runs after training)."""
+
+    def __init__(self, d, m, seed=0, arch="relu", k=None):
         super().__init__()
         # Decoder rows: random unit directions. Encoder: the decoder's transpose, as a starting
         # point only (the two are trained independently); this starts every feature with a
@@ -113,11 +133,25 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))    # [m]
         self.W_dec = nn.Parameter(W_dec)             # [m, d]
         self.b_dec = nn.Parameter(torch.zeros(d))    # [d]
+        self.arch, self.k = arch, k
+        if arch == "jumprelu":
+            self.register_buffer("threshold", torch.zeros(m))  # [m]; BatchTopK learns one value for all
 
     def forward(self, x):                            # x [B, d], for inference
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc            # [B, m]
-        f = kernels.activation(pre)                                 # [B, m]
+        if self.arch == "topk":
+            f = topk_relu(pre, self.k)
+        elif self.arch == "jumprelu":
+            f = torch.relu(pre) * (pre > self.threshold)
+        else:
+            f = torch.relu(pre)                                     # [B, m]
         return pre, f, f @ self.W_dec + self.b_dec                  # x_hat [B, d]
+
+
+def topk_relu(pre, k):
+    """The k largest entries of pre [..., m] along its last axis, ReLU'd; 0 elsewhere."""
+    top = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
 
 
 def mse(pred, target, x, convention):
@@ -167,6 +201,57 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch", batch_
     return loss, parts, fires, x_hat
 
 
+def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False):
+    """loss, its parts (detached), each feature's firing count, x_hat, and the batch's smallest
+    kept activation (batchtopk; else None), for a TopK or BatchTopK SAE on x [B, d] (fp32).
+    dead [m] (bool): the dead features, which AuxK trains. shared: x is this rank's slice of the
+    batch, and every rank holds a copy of the SAE (data-parallel training)."""
+    B, m = len(x), sae.b_enc.shape[0]
+    batch_mean, gather = (all_mean, gather_rows) if shared else (lambda t: t, lambda t: t)
+    pre = kernels.dense_pre(x, sae.W_enc, sae.b_enc, sae.b_dec)          # [B, m], the one dense GEMM
+    smallest_kept = None
+    if arch == "topk":
+        cols = pre.topk(k, dim=1, sorted=False).indices.flatten()     # [B k]
+        rows = torch.arange(B, device=x.device).repeat_interleave(k)  # [B k]
+    else:
+        # The n = k B largest entries of the whole batch. Those on this rank are among its own n
+        # largest, so each rank offers those, and the n-th largest of all the offers is the cut.
+        # Entries equal to the cut are all kept (BOS residuals, identical in every context, tie),
+        # so that the kept set does not depend on how the batch is split over ranks.
+        n = k * B * (WORLD if shared else 1)
+        offers = pre.flatten().topk(min(n, pre.numel()), sorted=False).values
+        smallest_kept = gather(offers).float().topk(n, sorted=False).values.min().clamp_min(0)
+        rows, cols = torch.nonzero((pre >= smallest_kept) & (pre > 0)).unbind(1)  # [N] each, by row
+    kept = pre[rows, cols]                                            # [N]
+    n_aux = min(k_aux, int(dead.sum())) if auxk_coef > 0 else 0
+    aux_rows = aux_cols = aux_pre = rows[:0]
+    if n_aux:
+        # AuxK (Gao et al. 2024, A.2): each token's n_aux largest pre-activations among the dead
+        # features, not ReLU'd (so that a feature that died far below 0 still gets a gradient),
+        # fit the residual the live features leave. pre is not needed after this: mask in place.
+        aux = pre.masked_fill_(~dead, -math.inf).topk(n_aux, dim=1, sorted=False)
+        aux_pre, aux_cols = aux.values.flatten(), aux.indices.flatten()  # [B n_aux]
+        aux_rows = torch.arange(B, device=x.device).repeat_interleave(n_aux)
+    del pre
+    # One autograd node for both sets of entries: their gradients meet in one sparse backward.
+    values = kernels.SparsePre.apply(torch.cat([kept, aux_pre.to(kept.dtype)]), x, sae.W_enc, sae.b_enc, sae.b_dec,
+                                     torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols]))
+    f = torch.relu(values[:len(rows)])                                 # [N]
+    x_hat = kernels.sparse_decode(rows, cols, f, sae.W_dec, B) + sae.b_dec  # [B, d]
+    fires = torch.bincount(cols[f > 0], minlength=m)                   # [m]
+    # The normalised MSE, 1 - explained variance: the scale of the data does not matter.
+    spread = batch_mean((x - batch_mean(x.mean(0))).pow(2).sum(1).mean())
+    mse_loss = (x - x_hat).pow(2).sum(1).mean() / spread
+    aux_loss = torch.zeros((), device=x.device)
+    if n_aux:
+        e = (x - x_hat).detach()                                       # [B, d]
+        e_hat = kernels.sparse_decode(aux_rows, aux_cols, values[len(rows):], sae.W_dec, B)  # [B, d]
+        e_spread = batch_mean((e - batch_mean(e.mean(0))).pow(2).sum(1).mean())
+        aux_loss = auxk_coef * (e - e_hat).pow(2).sum(1).mean() / e_spread
+    loss = mse_loss + aux_loss
+    return loss, {"mse": mse_loss.detach(), "auxk": aux_loss.detach()}, fires, x_hat, smallest_kept
+
+
 @torch.no_grad()
 def remove_parallel_grad(sae):
     """Project out of each decoder row's gradient its component along the row: with unit rows,
@@ -185,11 +270,14 @@ def init_from_data(sae, x):
     """Start b_dec at the geometric median of x [N, d], and scale the encoder so that the first
     reconstructions are as long as their inputs. With W_enc = W_dec^T alone they are about
     m / (2d) times too long: about half of the features fire on x' = x - b_dec, and each adds its
-    unit row's component along x' (derivation in the README). b_enc is 0 and ReLU is homogeneous,
-    so one factor on W_enc sets the length."""
+    unit row's component along x' (derivation in the README). b_enc is 0 and ReLU and TopK are
+    homogeneous, so one factor on W_enc sets the length. (A TopK SAE starts near the right length:
+    its k features add about k / d of it.)"""
     sae.b_dec.copy_(geometric_median(x))
     x_in = x[:16384] - sae.b_dec                                      # [n, d]
-    x_hat = torch.relu(x_in @ sae.W_enc) @ sae.W_dec                  # [n, d], b_dec left out
+    pre = x_in @ sae.W_enc                                            # [n, m]
+    f = torch.relu(pre) if sae.arch == "relu" else topk_relu(pre, sae.k)  # BatchTopK: as TopK, on average
+    x_hat = f @ sae.W_dec                                             # [n, d], b_dec left out
     sae.W_enc *= x_in.norm(dim=1).mean() / x_hat.norm(dim=1).mean()
 
 
@@ -364,19 +452,27 @@ def replace_folder(tmp, folder):
 def save_sae(folder, sae, density, layer, args, scale=1.0):
     """SAELens's on-disk format: sae_lens.SAE.load_from_disk(folder) loads it as it is. The SAE
     was trained on x * scale; the saved one takes x itself. Dividing both biases by the scale
-    divides pre, f and x_hat by it too (ReLU is homogeneous), and the decoder rows keep their
-    norms, so f comes out in the input's units."""
+    divides pre, f and x_hat by it too (ReLU, TopK and, with its threshold divided, JumpReLU are
+    homogeneous), and the decoder rows keep their norms, so f comes out in the input's units.
+    A TopK SAE is saved as architecture "topk" with its k; a BatchTopK SAE as "jumprelu" with
+    its threshold [m], as SAELens saves its own."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
-    weights["b_enc"], weights["b_dec"] = weights["b_enc"] / scale, weights["b_dec"] / scale
+    for k in ("b_enc", "b_dec", "threshold"):  # the threshold compares with pre, which is divided too
+        if k in weights:
+            weights[k] = weights[k] / scale
     save_file(weights, os.path.join(tmp, "sae_weights.safetensors"))
     save_file({"sparsity": torch.log10(density.float().cpu() + 1e-10)}, os.path.join(tmp, "sparsity.safetensors"))
     d_in, d_sae = sae.W_enc.shape
+    # SAELens 6 names the architecture; its older versions read activation_fn_str and its kwargs.
+    arch = {"relu": ("standard", "relu", {}), "topk": ("topk", "topk", {"k": sae.k}),
+            "jumprelu": ("jumprelu", "relu", {})}[sae.arch]
     cfg = {
-        "architecture": "standard", "d_in": d_in, "d_sae": d_sae,
-        "activation_fn_str": "relu", "activation_fn_kwargs": {},
+        "architecture": arch[0], "d_in": d_in, "d_sae": d_sae,
+        "activation_fn_str": arch[1], "activation_fn_kwargs": arch[2],
+        **({"k": sae.k, "rescale_acts_by_decoder_norm": False} if sae.arch == "topk" else {}),
         "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
         "context_size": args.ctx, "model_name": "gpt2", "hook_name": hook_name(layer), "hook_layer": layer,
         "hook_head_index": None, "prepend_bos": True,
@@ -400,8 +496,9 @@ def save_checkpoint(run, trainees, kept, gen, source, step, args):
     if args.parallel == "layers" or RANK == 0:  # in data-parallel training the copies are identical
         tensors = {"buffer": kept.cpu(), "generator": gen.get_state()}
         for t in trainees:
+            for name, value in t.sae.state_dict().items():  # the weights, and the threshold of batchtopk
+                tensors[f"{t.layer}.{name}"] = value.cpu()
             for name, param in t.sae.named_parameters():
-                tensors[f"{t.layer}.{name}"] = param.detach().cpu()
                 for k, v in t.opt.state[param].items():  # step, exp_avg, exp_avg_sq (none before step 1)
                     tensors[f"{t.layer}.adam.{name}.{k}"] = v.cpu()
             for k in ("since_fired", "fires", "density", "scale"):
@@ -433,8 +530,8 @@ def load_checkpoint(run, trainees, gen, source, args):
     tensors = load_file(path)
     for t in trainees:
         with torch.no_grad():
-            for name, param in t.sae.named_parameters():
-                param.copy_(tensors[f"{t.layer}.{name}"])
+            for name, value in t.sae.state_dict().items():
+                value.copy_(tensors[f"{t.layer}.{name}"])
         state = t.opt.state_dict()  # refill its per-parameter state; the param groups stay
         state["state"] = {i: {k: tensors[f"{t.layer}.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
                           for i, (name, _) in enumerate(t.sae.named_parameters())
@@ -505,8 +602,9 @@ def resample_dead(t, x, args, step):
 
 
 def dead_after(args):
-    """Steps without firing after which a feature is dead (and gets ghost gradients)."""
-    tokens = args.dead_tokens if args.dead_tokens is not None else min(5000 * 4096, args.tokens // 10)
+    """Steps without firing after which a feature is dead (and gets ghost gradients or AuxK)."""
+    default = 5000 * 4096 if args.arch == "relu" else 10_000_000
+    tokens = args.dead_tokens if args.dead_tokens is not None else min(default, args.tokens // 10)
     return max(1, math.ceil(tokens / args.batch))
 
 
@@ -519,23 +617,31 @@ def train_step(t, x, step, args, autocast, log, shared=False):
     l1 = args.l1 * min(1.0, (step + 1) / args.l1_warmup) if args.l1_warmup else args.l1
     for group in t.opt.param_groups:
         group["lr"] = lr
-    dead = torch.nonzero(t.since_fired >= dead_after(args)).squeeze(1) if args.ghost_grads else None
+    is_dead = t.since_fired >= dead_after(args)                        # [m]
     with autocast():
-        loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
+        if args.arch == "relu":
+            dead = torch.nonzero(is_dead).squeeze(1) if args.ghost_grads else None
+            loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
+        else:
+            loss, parts, fires, x_hat, smallest_kept = topk_loss(t.sae, x, args.arch, args.k, is_dead, args.k_aux,
+                                                                 args.auxk_coef, shared)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     if shared:  # the whole batch's gradient is the mean of the slices'; the counts, their sum
         for param in t.sae.parameters():
             all_sum(param.grad).div_(WORLD)
         fires = all_sum(fires)
-    if args.loss == "seed":
+    unit_rows = args.loss == "seed" or args.arch != "relu"
+    if unit_rows:
         remove_parallel_grad(t.sae)
     if args.clip_grad:
         torch.nn.utils.clip_grad_norm_(t.sae.parameters(), args.clip_grad)
     t.opt.step()
-    if args.loss == "seed":
+    if unit_rows:
         normalize_decoder(t.sae)
     with torch.no_grad():
+        if args.arch == "batchtopk":  # the JumpReLU threshold: starts at the first batch's cut, then follows it
+            t.sae.threshold.lerp_(smallest_kept.expand_as(t.sae.threshold), 1.0 if step == 0 else args.threshold_rate)
         t.since_fired = torch.where(fires > 0, 0, t.since_fired + 1)   # fires [m]: tokens each fired on
         t.fires += fires
         if (step + 1) % args.density_window == 0:
@@ -547,7 +653,8 @@ def train_step(t, x, step, args, autocast, log, shared=False):
         record = {k: batch_mean(v).item() for k, v in parts.items()}
         return {**record, "loss": batch_mean(loss.detach()).item(), "l0": fires.sum().item() / args.batch,
                 "explained_variance": batch_mean(explained.mean()).item(),
-                "dead_pct": 100 * (t.since_fired >= dead_after(args)).float().mean().item(), "lr": lr}
+                "dead_pct": 100 * (t.since_fired >= dead_after(args)).float().mean().item(), "lr": lr,
+                **({"threshold": (t.sae.threshold[0] / t.scale).item()} if args.arch == "batchtopk" else {})}
 
 
 def check_run_folder(args):
@@ -591,6 +698,11 @@ def settings_for_resume(args):
 
 
 def resolve_kernels(args):
+    if args.arch != "relu":  # the fused kernels are ReLU's; TopK's step is sparse torch (kernels.py)
+        if args.kernels == "triton":
+            raise ValueError(f"--kernels triton with --arch {args.arch}: the Triton kernels are for relu; "
+                             f"expected --kernels torch or auto")
+        args.kernels = "torch"
     if args.kernels == "auto":
         args.kernels = "triton" if args.device.startswith("cuda") else "torch"
         problem = kernels.check_fused(args.device) if args.kernels == "triton" else None
@@ -634,6 +746,12 @@ def check_args(args):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
+    if not 1 <= args.k <= args.d_sae:
+        raise ValueError(f"--k {args.k}: expected 1..{args.d_sae} (--d_sae)")
+    if args.k_aux < 1 or args.auxk_coef < 0:
+        raise ValueError(f"--k_aux {args.k_aux} --auxk_coef {args.auxk_coef}: expected k_aux >= 1 and auxk_coef >= 0")
+    if not 0 < args.threshold_rate <= 1:
+        raise ValueError(f"--threshold_rate {args.threshold_rate}: expected a rate in (0, 1]")
     if args.tokens < args.batch:
         raise ValueError(f"--tokens {args.tokens}: expected at least one batch ({args.batch})")
     if args.buffer < 2 * args.batch:
@@ -664,7 +782,8 @@ def train(args):
     kept = None if args.resume else source.next(half)  # [half, owned layers, d]: the first half-buffer
     for j, layer in enumerate(owned):
         # Seeded by layer, so that an SAE does not depend on which other layers train beside it.
-        sae = SAE(source.d, args.d_sae, seed=args.seed * 1000 + layer).to(args.device)
+        sae = SAE(source.d, args.d_sae, args.seed * 1000 + layer, {"batchtopk": "jumprelu"}.get(args.arch, args.arch),
+                  args.k).to(args.device)
         scale = 1.0
         if kept is not None:
             if args.normalize:  # mean norm sqrt(d): a norm of 10 or of 1000 trains alike
@@ -795,7 +914,8 @@ def report(records, step, total, args, elapsed, steps_done, log):
         r = {"step": step, "tokens": step * args.batch, "layer": layer, "tokens_per_s": round(tokens_per_s), **r}
         log.write(json.dumps(r) + "\n")
         print(f"step {step:>7,}/{total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
-              f" | eta {eta / 60:5.1f} min | layer {layer:<2} | mse {r['mse']:.4g} l1 {r['l1']:.4g} ghost {r['ghost']:.3g}"
+              f" | eta {eta / 60:5.1f} min | layer {layer:<2} | "
+              + " ".join(f"{k} {r[k]:.4g}" for k in ("mse", "l1", "ghost", "auxk") if k in r) +
               f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")
     log.flush()
 
