@@ -21,7 +21,7 @@ Sections:
 - ranks: the communication per step of torchrun training, from the arithmetic; and where there
   are several GPUs, end-to-end tokens/s of --layer all and --layer 9 against the number of ranks.
 - realacts (only when named): SAE quality on real activations (../shared/realacts): trains our
-  ReLU recipe at --ours_l1 and SAELens's StandardTrainingSAE at --saelens_l1 on the same data
+  ReLU recipe at --ours_l1 (or TopK at --ours_k) and SAELens's StandardTrainingSAE at --saelens_l1 on the same data
   and budget, scores both on eval.npy (L0, pooled explained variance, dead features) and
   compares the two frontiers at equal L0. Minutes per SAE on a CPU.
 Weights are random: speed does not depend on their values, and nothing is downloaded.
@@ -52,12 +52,14 @@ p.add_argument("--realacts", default="~/.cache/realacts", help="folder of train.
 p.add_argument("--realacts_runs", default="runs/realacts", help="where the realacts section keeps the SAEs it trains")
 p.add_argument("--saelens_l1", default="", help="realacts: SAELens L1 coefficients to train, comma-separated")
 p.add_argument("--ours_l1", default="", help="realacts: our L1 coefficients to train, comma-separated")
+p.add_argument("--ours_k", default="", help="realacts: our k values to train (with --ours_flags '--arch topk', say)")
 p.add_argument("--ours_flags", default="", help="realacts: further train_sae.py flags for our runs")
 p.add_argument("--ours_tag", default="default", help="realacts: names our runs' family (ours-TAG-l1-X)")
 p.add_argument("--threads", type=int, default=0, help="realacts: CPU threads per training run (0: torch's default)")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
 D, M = 768, 24576  # GPT-2 small's width; Bloom's SAE width
+TOPK = 32  # the k of TopK steps
 
 
 def flops_per_token(cfg, n_blocks, ctx):
@@ -153,14 +155,14 @@ def cpu_against_transformers():
           ["output", "ours tokens/s", "transformers tokens/s", "speed-up"], rows)
 
 
-def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0, kernels="torch"):
+def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0, kernels="torch", arch="relu"):
     """Median time of one train_sae.train_step on fixed activations (torch.manual_seed(0))."""
-    targs = train_sae.p.parse_args(["--batch", str(batch), "--loss", loss, "--clip_grad", str(clip),
-                                    "--precision", precision, "--device", device, "--kernels", kernels])
+    targs = train_sae.p.parse_args(["--batch", str(batch), "--loss", loss, "--clip_grad", str(clip), "--arch", arch,
+                                    "--k", str(TOPK), "--precision", precision, "--device", device, "--kernels", kernels])
     torch.manual_seed(0)
     x = torch.randn(batch, D).to(device)
-    sae = train_sae.SAE(D, M).to(device)
-    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=4e-4), device)
+    sae = train_sae.SAE(D, M, arch={"batchtopk": "jumprelu"}.get(arch, arch), k=TOPK).to(device)
+    t = train_sae.Trainee(9, sae, train_sae.adam(sae, 4e-4), device)
     autocast = train_sae.make_autocast(targs)
     step = iter(range(10 ** 9))
     return median_seconds(lambda: train_sae.train_step(t, x, next(step), targs, autocast, False), reps,
@@ -169,12 +171,12 @@ def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0
 
 SAELENS_STEP = """
 import statistics, sys, time, torch
-from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig, LoggingConfig
 B, D, M, reps = {batch}, {d}, {m}, {reps}
 torch.manual_seed(0)
 x = torch.randn(B, D)  # the same activations as ours: same seed, same torch
-sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D, d_sae=M, l1_coefficient=5.0, dtype="float32", device="cpu"))
+sae = {sae}
 cfg = SAETrainerConfig(total_training_samples=10 ** 9, train_batch_size_samples=B, lr=4e-4, lr_end=4e-4,
                        device="cpu", logger=LoggingConfig(log_to_wandb=False), checkpoint_path="/tmp/saelens_ckpt",
                        save_final_checkpoint=False)
@@ -193,26 +195,45 @@ print(statistics.median(times))
 def cpu_step():
     batch = 1024
     rows = []
-    theirs = None
+    theirs = topk_theirs = None
     if args.saelens_python:
         import subprocess
-        code = SAELENS_STEP.format(batch=batch, d=D, m=M, reps=args.step_reps)
-        # From a folder of its own: transformers looks for Hugging Face's `kernels` package and
-        # would find our kernels.py on the path.
-        with tempfile.TemporaryDirectory() as elsewhere:
-            r = subprocess.run([args.saelens_python, "-c", code], capture_output=True, text=True, cwd=elsewhere)
-        if r.returncode:
-            print(f"\n(SAELens step failed: {r.stderr.strip().splitlines()[-1]})")
-        else:
-            theirs = float(r.stdout.strip().splitlines()[-1])
-            rows.append(["SAELens StandardTrainingSAE (MSE sum, L1 x ||W_dec||, clip 1.0)", f"{theirs:.3f}", "1.00x"])
-    for name, loss, clip in [("ours, --loss saelens --clip_grad 1 (the same math)", "saelens", 1.0),
-                             ("ours, the seed's recipe: its loss, unit-norm decoder, no clip", "seed", 0.0)]:
-        s = ours_step_seconds("cpu", batch, args.step_reps, loss, "fp32", clip)
-        rows.append([name, f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-"])
+        def saelens_seconds(sae):
+            code = SAELENS_STEP.format(batch=batch, d=D, m=M, reps=args.step_reps, sae=sae)
+            # From a folder of its own: transformers looks for Hugging Face's `kernels` package
+            # and would find our kernels.py on the path.
+            with tempfile.TemporaryDirectory() as elsewhere:
+                r = subprocess.run([args.saelens_python, "-c", code], capture_output=True, text=True, cwd=elsewhere)
+            if r.returncode:
+                print(f"\n(SAELens step failed: {r.stderr.strip().splitlines()[-1]})")
+                return None
+            return float(r.stdout.strip().splitlines()[-1])
+        theirs = saelens_seconds('StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D, d_sae=M, l1_coefficient=5.0, '
+                                 'dtype="float32", device="cpu"))')
+        # SAELens's TopK, dense (its default) and with its sparse activations, which its docs
+        # recommend for fp32 with k much smaller than d_sae; we compare with the faster.
+        topk = [saelens_seconds(f'TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=M, k={TOPK}, '
+                                f'use_sparse_activations={sparse}, dtype="float32", device="cpu"))')
+                for sparse in (False, True)]
+        if theirs:
+            rows.append(["SAELens StandardTrainingSAE (MSE sum, L1 x ||W_dec||, clip 1.0)", f"{theirs:.3f}", "1.00x", "-"])
+        for sparse, s in zip(("", ", use_sparse_activations"), topk):
+            if s:
+                rows.append([f"SAELens TopKTrainingSAE, k {TOPK}{sparse}", f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-", "-"])
+        topk_theirs = min(filter(None, topk), default=None)
+    ours_relu = None
+    for name, loss, clip, arch in [("ours, --loss saelens --clip_grad 1 (the same math)", "saelens", 1.0, "relu"),
+                                   ("ours, the seed's recipe: its loss, unit-norm decoder, no clip", "seed", 0.0, "relu"),
+                                   (f"ours, --arch topk --k {TOPK}", "seed", 1.0, "topk"),
+                                   (f"ours, --arch batchtopk --k {TOPK}", "seed", 1.0, "batchtopk")]:
+        s = ours_step_seconds("cpu", batch, args.step_reps, loss, "fp32", clip, arch=arch)
+        ours_relu = s if loss == "seed" and arch == "relu" else ours_relu
+        vs_topk = f"{s / topk_theirs:.2f}x, {s / ours_relu:.2f}x of our relu" if arch != "relu" and topk_theirs else "-"
+        rows.append([name, f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-", vs_topk])
     gflop = 5 * 2 * batch * D * M / 1e9
     table(f"SAE training step on CPU ({torch.get_num_threads()} threads), fp32, batch {batch}, d {D}, m {M:,} "
-          f"({gflop:.0f} GFLOP in five GEMMs; SAELens does six)", ["step", "seconds", "time vs SAELens"], rows)
+          f"({gflop:.0f} GFLOP in five GEMMs for relu, SAELens does six; TopK: one, and sparse work)",
+          ["step", "seconds", "time vs SAELens standard", "time vs SAELens TopK"], rows)
 
 
 def bf16_peak():
@@ -413,16 +434,26 @@ os.replace(out + ".tmp", out)
 """
 
 
-@torch.no_grad()
-def realacts_score(path, x):
-    """L0, pooled explained variance and the fraction of features that never fire, of the SAE
-    in the safetensors file `path`, on eval activations x [N, d]."""
+def load_realacts_sae(path, d):
+    """A SAELens run's weights file (a standard SAE), or one of our SAE folders (any --arch)."""
+    if os.path.isdir(path):
+        import eval as evaluation
+        return evaluation.load_sae(path, d)[0]
     from safetensors.torch import load_file
     w = load_file(path)
-    sq_err, fires, l0 = 0.0, torch.zeros(w["b_enc"].shape[0]), 0.0
+    sae = train_sae.SAE(d, w["b_enc"].shape[0])
+    sae.load_state_dict(w)
+    return sae
+
+
+@torch.no_grad()
+def realacts_score(sae, x):
+    """L0, pooled explained variance and the fraction of features that never fire, of an SAE
+    on eval activations x [N, d]."""
+    sq_err, fires, l0 = 0.0, torch.zeros(sae.b_enc.shape[0]), 0.0
     for xb in x.split(4096):
-        f = torch.relu((xb - w["b_dec"]) @ w["W_enc"] + w["b_enc"])             # [b, m]
-        sq_err += (f @ w["W_dec"] + w["b_dec"] - xb).double().pow(2).sum().item()
+        _, f, x_hat = sae(xb)                                                    # [b, m], [b, d]
+        sq_err += (x_hat - xb).double().pow(2).sum().item()
         fires += (f > 0).sum(0)
         l0 += (f > 0).sum().item()
     total = (x.double() - x.double().mean(0)).pow(2).sum().item()
@@ -462,12 +493,13 @@ def realacts():
                                             batch=batch, steps=steps, lr=lr, warmup=warmup)
                 with tempfile.TemporaryDirectory() as elsewhere:  # away from our kernels.py (see cpu_step)
                     subprocess.run([args.saelens_python, "-c", code], check=True, cwd=elsewhere, env=env)
-    for l1 in filter(None, args.ours_l1.split(",")):
-        name = f"ours-{args.ours_tag}-l1-{l1}"
+    ours = [("l1", v) for v in filter(None, args.ours_l1.split(","))] + [("k", v) for v in filter(None, args.ours_k.split(","))]
+    for flag, value in ours:
+        name = f"ours-{args.ours_tag}-{flag}-{value}"
         if not os.path.exists(os.path.join(runs, name)):
             flags = ["--activations", train, "--no-center", "--layer", "5", "--d_sae", str(d_sae), "--batch", str(batch),
                      "--tokens", str(steps * batch), "--lr", str(lr), "--lr_warmup", str(warmup), "--device", "cpu",
-                     "--l1", l1, "--log_every", "50", "--out", os.path.join(runs, name), *args.ours_flags.split()]
+                     f"--{flag}", value, "--log_every", "50", "--out", os.path.join(runs, name), *args.ours_flags.split()]
             subprocess.run([sys.executable, "train_sae.py", *flags], check=True, cwd=here, env=env)
     x = torch.from_numpy(np.load(evals))
     families = {}
@@ -476,14 +508,14 @@ def realacts():
         if name.endswith(".safetensors"):                                   # SAELens
             family, l1 = "SAELens", name[len("saelens-l1-"):-len(".safetensors")]
         elif os.path.isfile(os.path.join(path, "blocks.5.hook_resid_pre", "sae_weights.safetensors")):
-            family, l1 = name.rsplit("-l1-", 1)
-            path = os.path.join(path, "blocks.5.hook_resid_pre", "sae_weights.safetensors")
+            family, l1 = name.rsplit("-l1-" if "-l1-" in name else "-k-", 1)  # l1 or k
+            path = os.path.join(path, "blocks.5.hook_resid_pre")
         else:
             continue
-        families.setdefault(family, []).append((float(l1), *realacts_score(path, x)))
+        families.setdefault(family, []).append((float(l1), *realacts_score(load_realacts_sae(path, x.shape[1]), x)))
     for family, points in families.items():
         table(f"{family} on {acts}: {steps} steps of {batch}, d_sae {d_sae}, scored on eval.npy ({len(x):,} tokens)",
-              ["l1", "L0", "pooled EV", "dead"],
+              ["l1 or k", "L0", "pooled EV", "dead"],
               [[f"{l1:g}", f"{l0:.1f}", f"{ev:.4f}", f"{dead:.2%}"] for l1, l0, ev, dead in sorted(points)])
     base = [p[1:] for p in families.get("SAELens", [])]
     for family, points in families.items():
