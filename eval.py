@@ -3,7 +3,8 @@ Evaluate SAEs on held-out tokens: the table of Bloom's Feb 2024 post, and featur
 
     python eval.py runs/L9                           # every SAE in the run; eval.json beside each
     python eval.py runs/Lall --tokens 500000
-    python eval.py path/to/blocks.9.hook_resid_pre   # any SAELens-format folder, Bloom's included
+    python eval.py path/to/blocks.9.hook_resid_pre   # any SAELens-format folder (standard, topk,
+                                                     # jumprelu), Bloom's included
     python eval.py runs/L9 --dashboard               # and dashboard.html beside each SAE
 
 Every SAE is evaluated on the same held-out contexts (FineWeb's validation shard, or the

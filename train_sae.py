@@ -752,7 +752,7 @@ def check_args(args):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
-    if not 1 <= args.k <= args.d_sae:
+    if args.arch != "relu" and not 1 <= args.k <= args.d_sae:
         raise ValueError(f"--k {args.k}: expected 1..{args.d_sae} (--d_sae)")
     if args.k_aux < 1 or args.auxk_coef < 0:
         raise ValueError(f"--k_aux {args.k_aux} --auxk_coef {args.auxk_coef}: expected k_aux >= 1 and auxk_coef >= 0")
