@@ -157,7 +157,7 @@ def cpu_against_transformers():
 
 def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0, kernels="torch", arch="relu"):
     """Median time of one train_sae.train_step on fixed activations (torch.manual_seed(0))."""
-    targs = train_sae.p.parse_args(["--batch", str(batch), "--loss", loss, "--clip_grad", str(clip), "--arch", arch,
+    targs = train_sae.parse_args(["--batch", str(batch), "--loss", loss, "--clip_grad", str(clip), "--arch", arch,
                                     "--k", str(TOPK), "--precision", precision, "--device", device, "--kernels", kernels])
     torch.manual_seed(0)
     x = torch.randn(batch, D).to(device)

@@ -500,7 +500,7 @@ def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
     assert (sae.W_dec.grad.double() - expected).abs().max() < 1e-6
     assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
     # One whole optimizer step keeps every row at unit norm.
-    args = train_sae.p.parse_args(["--d_sae", "40", "--lr", "1e-2", "--lr_warmup", "1", "--kernels", "torch"])
+    args = train_sae.parse_args(["--d_sae", "40", "--lr", "1e-2", "--lr_warmup", "1", "--kernels", "torch"])
     t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-2), "cpu")
     before = sae.W_dec.detach().clone()
     train_sae.train_step(t, torch.randn(32, 12), 0, args, lambda: torch.autocast("cpu", enabled=False), False)
@@ -545,7 +545,7 @@ def test_ghost_grads_reach_dead_features_only_when_on():
         sae = random_sae()
         with torch.no_grad():
             sae.b_enc[dead] = -100
-        args = train_sae.p.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_tokens", str(3 * 4096), "--kernels", "torch",
+        args = train_sae.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_tokens", str(3 * 4096), "--kernels", "torch",
                                        "--ghost_grads" if ghost else "--no-ghost_grads"])
         t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
         before = sae.W_enc[:, dead].detach().clone()
@@ -654,7 +654,7 @@ def test_dead_features_revive_within_a_short_run(mechanism):
         train_sae.init_from_data(sae, data)
         pre = (data - sae.b_dec) @ sae.W_enc
         sae.b_enc[:32] = -pre[:, :32].max(0).values - 0.05                   # dead by construction
-    args = train_sae.p.parse_args(["--batch", str(batch), "--tokens", str(steps * batch), "--lr", "1e-3",
+    args = train_sae.parse_args(["--batch", str(batch), "--tokens", str(steps * batch), "--lr", "1e-3",
                                    "--lr_warmup", "10", "--l1", "1e-3", "--kernels", "torch",
                                    "--ghost_grads" if mechanism == "ghost" else "--no-ghost_grads"])
     assert train_sae.dead_after(args) == 30
@@ -767,7 +767,7 @@ def test_auxk_revives_dead_features():
         with torch.no_grad():
             train_sae.init_from_data(sae, data)
             sae.b_enc[:32] = -((data - sae.b_dec) @ sae.W_enc[:, :32]).max(0).values - 0.05  # dead by construction
-        args = train_sae.p.parse_args(["--arch", "topk", "--k", "4", "--batch", str(batch), "--tokens", str(steps * batch),
+        args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--batch", str(batch), "--tokens", str(steps * batch),
                                        "--lr", "1e-3", "--lr_warmup", "10", "--auxk_coef", coef, "--k_aux", "16"])
         assert train_sae.dead_after(args) == 30
         t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
@@ -1095,7 +1095,7 @@ def test_fused_self_check(monkeypatch):
 
 
 def test_training_steps_triton_equal_torch():
-    args = train_sae.p.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
+    args = train_sae.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
     runs = {}
     for impl in ("torch", "triton"):
         args.kernels = impl

@@ -51,7 +51,8 @@ p.add_argument("--layer", default="9", help="'9', '3,7,9' or 'all': one SAE per 
 p.add_argument("--d_sae", type=int, default=24576, help="features per SAE")
 p.add_argument("--tokens", type=int, default=300_000_000, help="training tokens (activations) per SAE")
 p.add_argument("--batch", type=int, default=4096, help="activations per optimizer step")
-p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate")
+p.add_argument("--lr", type=float, default=None,
+               help="Adam learning rate (default: relu 4e-4, Bloom's; topk and batchtopk 2e-3, measured on real activations)")
 p.add_argument("--lr_warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
 p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
@@ -111,6 +112,16 @@ p.add_argument("--parallel", choices=["auto", "layers", "data"], default="auto",
                help="under torchrun: each rank trains its own layers' SAEs, or every rank a slice of every "
                     "batch (auto: layers when there are at least as many layers as ranks)")
 p.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank waits for the others before giving up")
+
+
+def parse_args(argv=None):
+    """The flags, with the defaults that depend on others filled in (run.json records them)."""
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 4e-4 if args.arch == "relu" else 2e-3
+    if args.dead_tokens is None:  # short runs revive too: a 488-step run would never see 5,000 steps
+        args.dead_tokens = min(5000 * 4096 if args.arch == "relu" else 10_000_000, args.tokens // 10)
+    return args
 
 # -----------------------------------------------------------------------------
 # The SAE: x' = x - b_dec, f = act(x' W_enc + b_enc), x_hat = f W_dec + b_dec. The training
@@ -609,9 +620,7 @@ def resample_dead(t, x, args, step):
 
 def dead_after(args):
     """Steps without firing after which a feature is dead (and gets ghost gradients or AuxK)."""
-    default = 5000 * 4096 if args.arch == "relu" else 10_000_000
-    tokens = args.dead_tokens if args.dead_tokens is not None else min(default, args.tokens // 10)
-    return max(1, math.ceil(tokens / args.batch))
+    return max(1, math.ceil(args.dead_tokens / args.batch))
 
 
 def train_step(t, x, step, args, autocast, log, shared=False):
@@ -748,7 +757,7 @@ def check_args(args):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     for flag in ("lr_warmup", "l1_warmup", "dead_tokens", "l1", "clip_grad"):
-        if (getattr(args, flag) or 0) < 0:
+        if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
@@ -954,7 +963,7 @@ def save_activations(args):
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     if args.resume:
         args = settings_for_resume(args)
     start_distributed(args)
