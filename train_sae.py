@@ -61,8 +61,9 @@ p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
 p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token (batchtopk: on average)")
 p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
 p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
-p.add_argument("--threshold_rate", type=float, default=0.01,
-               help="batchtopk: the threshold is a running average of each batch's smallest kept activation, at this rate")
+p.add_argument("--threshold_rate", type=float, default=0.1,
+               help="batchtopk: the threshold is a running average of each batch's smallest kept activation, at this "
+                    "rate (SAELens: 0.01, which lags the cut's drift in short runs; see the README)")
 p.add_argument("--l1", type=float, default=8e-5, help="relu: L1 coefficient")
 p.add_argument("--l1_warmup", type=int, default=0, help="relu: steps of linear L1 warm-up (0: none, the seed's)")
 p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
