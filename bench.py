@@ -55,6 +55,7 @@ p.add_argument("--ours_l1", default="", help="realacts: our L1 coefficients to t
 p.add_argument("--ours_k", default="", help="realacts: our k values to train (with --ours_flags '--arch topk', say)")
 p.add_argument("--ours_flags", default="", help="realacts: further train_sae.py flags for our runs")
 p.add_argument("--ours_tag", default="default", help="realacts: names our runs' family (ours-TAG-l1-X)")
+p.add_argument("--against", default="SAELens", help="realacts: families to compare every other family with, comma-separated")
 p.add_argument("--threads", type=int, default=0, help="realacts: CPU threads per training run (0: torch's default)")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
@@ -517,18 +518,19 @@ def realacts():
         table(f"{family} on {acts}: {steps} steps of {batch}, d_sae {d_sae}, scored on eval.npy ({len(x):,} tokens)",
               ["l1 or k", "L0", "pooled EV", "dead"],
               [[f"{l1:g}", f"{l0:.1f}", f"{ev:.4f}", f"{dead:.2%}"] for l1, l0, ev, dead in sorted(points)])
-    base = [p[1:] for p in families.get("SAELens", [])]
-    for family, points in families.items():
-        if family == "SAELens" or not base:
-            continue
-        rows = []
-        for l0 in (15, 20, 30, 40, 60, 80, 100, 140):
-            ours, theirs = interpolate_ev([p[1:] for p in points], l0), interpolate_ev(base, l0)
-            if ours and theirs:
-                rows.append([l0, f"{ours[0]:.4f}", f"{theirs[0]:.4f}", f"{ours[0] - theirs[0]:+.4f}",
-                             f"{ours[1]:.2%}", f"{theirs[1]:.2%}"])
-        table(f"{family} against SAELens at equal L0 (each frontier linear in log L0)",
-              ["L0", "EV", "SAELens EV", "gain", "dead", "SAELens dead"], rows)
+    for against in args.against.split(","):
+        base = [p[1:] for p in families.get(against, [])]
+        for family, points in families.items():
+            if family == against or not base:
+                continue
+            rows = []
+            for l0 in (15, 20, 30, 40, 60, 80, 100, 140):
+                ours, theirs = interpolate_ev([p[1:] for p in points], l0), interpolate_ev(base, l0)
+                if ours and theirs:
+                    rows.append([l0, f"{ours[0]:.4f}", f"{theirs[0]:.4f}", f"{ours[0] - theirs[0]:+.4f}",
+                                 f"{ours[1]:.2%}", f"{theirs[1]:.2%}"])
+            table(f"{family} against {against} at equal L0 (each frontier linear in log L0)",
+                  ["L0", "EV", f"{against} EV", "gain", "dead", f"{against} dead"], rows)
 
 
 sections = args.sections.split(",")
