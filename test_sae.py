@@ -1173,7 +1173,8 @@ def reference_metrics(tiny, weights, layer, center, apply_b_dec=True, arch="stan
             "norm_ratio": (x_hat.norm(dim=1) / x.norm(dim=1)).mean().item(),
             "alive_pct": 100 * (f > 0).any(0).double().mean().item(), "dead": int((~(f > 0).any(0)).sum()),
             "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero,
-            "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean), "kl": kl, "tokens": idx.numel()}
+            "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean), "kl": kl, "tokens": idx.numel(),
+            "largest": f.max(0).values}  # each feature's largest activation, as the dashboard's index lists
 
 
 def random_sae_weights(d, m, seed):
@@ -1191,9 +1192,11 @@ def test_eval_metrics_match_float64(tiny, tmp_path, center, apply_b_dec, arch):
     if arch == "jumprelu":  # thresholds per feature, as a JumpReLU SAE published in SAELens format has
         weights["threshold"] = 0.5 * torch.rand(96, generator=torch.Generator().manual_seed(4))
     folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", weights, 2, center, apply_b_dec, arch)
-    evaluation.main(eval_args(tiny, folder))
+    evaluation.main(eval_args(tiny, folder) + ["--dashboard"])
     got = json.load(open(folder / "eval.json"))
     ref = reference_metrics(tiny, weights, 2, center, apply_b_dec, arch)
+    largest = dashboard_data(folder)["max"]                                   # rounded to 3 decimals
+    assert max(abs(a - b) for a, b in zip(largest, ref.pop("largest").tolist())) < 1e-3
     assert got["tokens"] == ref["tokens"] and got["dead"] == ref["dead"] and got["centered_input"] == center
     # CE recovered divides by CE_zero - CE_clean, a few thousandths on a random model, so its
     # float32 error is amplified: its parts are checked against float64, the ratio against them.
