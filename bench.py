@@ -162,7 +162,7 @@ def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0
                                     "--k", str(TOPK), "--precision", precision, "--device", device, "--kernels", kernels])
     torch.manual_seed(0)
     x = torch.randn(batch, D).to(device)
-    sae = train_sae.SAE(D, M, arch={"batchtopk": "jumprelu"}.get(arch, arch), k=TOPK).to(device)
+    sae = train_sae.SAE(D, M, arch=arch, k=TOPK).to(device)
     t = train_sae.Trainee(9, sae, train_sae.adam(sae, 4e-4), device)
     autocast = train_sae.make_autocast(targs)
     step = iter(range(10 ** 9))

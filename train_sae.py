@@ -131,7 +131,7 @@ def parse_args(argv=None):
 
 class SAE(nn.Module):
     """arch: "relu", "topk" (f = ReLU of each token's k largest pre-activations, 0 elsewhere) or
-    "jumprelu" (f = pre where pre > threshold; how a BatchTopK SAE runs after training)."""
+    "jumprelu" (f = pre where pre > threshold), which is how a "batchtopk" SAE runs once trained."""
 
     def __init__(self, d, m, seed=0, arch="relu", k=None):
         super().__init__()
@@ -145,8 +145,8 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))    # [m]
         self.W_dec = nn.Parameter(W_dec)             # [m, d]
         self.b_dec = nn.Parameter(torch.zeros(d))    # [d]
-        self.arch, self.k = arch, k
-        if arch == "jumprelu":
+        self.arch, self.k = "jumprelu" if arch == "batchtopk" else arch, k
+        if self.arch == "jumprelu":
             self.register_buffer("threshold", torch.zeros(m))  # [m]; BatchTopK learns one value for all
 
     def forward(self, x):                            # x [B, d], for inference
@@ -223,7 +223,8 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False):
     pre = kernels.dense_pre(x, sae.W_enc, sae.b_enc, sae.b_dec)          # [B, m], the one dense GEMM
     smallest_kept = None
     if arch == "topk":
-        cols = pre.topk(k, dim=1, sorted=False).indices.flatten()     # [B k]
+        top = pre.topk(k, dim=1, sorted=False)
+        kept, cols = top.values.flatten(), top.indices.flatten()      # [B k]
         rows = torch.arange(B, device=x.device).repeat_interleave(k)  # [B k]
     else:
         # The n = k B largest entries of the whole batch. Those on this rank are among its own n
@@ -234,7 +235,7 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False):
         offers = pre.flatten().topk(min(n, pre.numel()), sorted=False).values
         smallest_kept = gather(offers).float().topk(n, sorted=False).values.min().clamp_min(0)
         rows, cols = torch.nonzero((pre >= smallest_kept) & (pre > 0)).unbind(1)  # [N] each, by row
-    kept = pre[rows, cols]                                            # [N]
+        kept = pre[rows, cols]                                        # [N]
     n_aux = min(k_aux, int(dead.sum())) if auxk_coef > 0 else 0
     aux_rows = aux_cols = aux_pre = rows[:0]
     if n_aux:
@@ -798,8 +799,7 @@ def train(args):
     kept = None if args.resume else source.next(half)  # [half, owned layers, d]: the first half-buffer
     for j, layer in enumerate(owned):
         # Seeded by layer, so that an SAE does not depend on which other layers train beside it.
-        sae = SAE(source.d, args.d_sae, args.seed * 1000 + layer, {"batchtopk": "jumprelu"}.get(args.arch, args.arch),
-                  args.k).to(args.device)
+        sae = SAE(source.d, args.d_sae, args.seed * 1000 + layer, args.arch, args.k).to(args.device)
         scale = 1.0
         if kept is not None:
             if args.normalize:  # mean norm sqrt(d): a norm of 10 or of 1000 trains alike
