@@ -39,14 +39,16 @@ import torch
 import gpt2
 import train_sae
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+SECTIONS = ("gpt2", "step", "train", "precision", "ranks", "realacts")  # described in the docstring above
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt2.HelpFormatter)
 p.add_argument("--layer", type=int, default=9, help="residual to stop at (blocks.L.hook_resid_pre)")
 p.add_argument("--ctx", type=int, default=128, help="context length")
 p.add_argument("--gpu_batch", type=int, default=512, help="contexts per forward on CUDA")
 p.add_argument("--cpu_batch", type=int, default=8, help="contexts per forward on CPU")
 p.add_argument("--reps", type=int, default=20, help="timed repetitions; the median is reported")
 p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
-p.add_argument("--sections", default="gpt2,step,train,precision,ranks", help="which sections to run, comma-separated")
+p.add_argument("--sections", default="gpt2,step,train,precision,ranks",
+               help=f"which sections to run, comma-separated, of {', '.join(SECTIONS)} (realacts only when named)")
 p.add_argument("--saelens_python", default=None, help="python of an environment with sae-lens, for the step comparison")
 p.add_argument("--realacts", default="~/.cache/realacts", help="folder of train.npy and eval.npy (../shared/realacts)")
 p.add_argument("--realacts_runs", default="runs/realacts", help="where the realacts section keeps the SAEs it trains")
@@ -59,6 +61,9 @@ p.add_argument("--against", default="SAELens", help="realacts: families to compa
 p.add_argument("--threads", type=int, default=0, help="realacts: CPU threads per training run (0: torch's default)")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
+for name in args.sections.split(","):
+    if name not in SECTIONS:
+        sys.exit(f"error: --sections {name!r}: expected a comma-separated list of {', '.join(SECTIONS)}")
 D, M = 768, 24576  # GPT-2 small's width; Bloom's SAE width
 TOPK = 32  # the k of TopK steps
 
@@ -440,8 +445,7 @@ def load_realacts_sae(path, d):
     if os.path.isdir(path):
         import eval as evaluation
         return evaluation.load_sae(path, d)[0]
-    from safetensors.torch import load_file
-    w = load_file(path)
+    w = gpt2.load_safetensors(path)
     sae = train_sae.SAE(d, w["b_enc"].shape[0])
     sae.load_state_dict(w)
     return sae

@@ -24,13 +24,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import gpt2
 import train_sae
 
 p = argparse.ArgumentParser(description="Evaluate SAEs on GPT-2 small's residual stream.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=gpt2.HelpFormatter)
 p.add_argument("folders", nargs="+", help="run folders (holding blocks.L.hook_resid_pre/) or SAE folders")
 p.add_argument("--tokens", type=int, default=2_000_000, help="held-out tokens to evaluate on")
 p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
@@ -43,7 +42,7 @@ p.add_argument("--n_features", type=int, default=20, help="random alive features
 p.add_argument("--top", type=int, default=12, help="top-activating contexts per dashboard feature")
 p.add_argument("--seed", type=int, default=0, help="seeds the dashboard's choice of features and examples")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {gpt2.default_cache_dir()})")
+p.add_argument("--cache_dir", default=None, help=f"downloads go here (default: {gpt2.default_cache_dir()})")
 
 # -----------------------------------------------------------------------------
 # SAE folders in SAELens's format: ours, or anyone's standard (ReLU), TopK or JumpReLU SAE on a
@@ -65,10 +64,17 @@ def find_sae_folders(paths):
     return folders
 
 
-def load_sae(folder, d_model):
-    """(SAE, its layer, whether it reads centred residuals) from a SAELens-format folder."""
-    with open(os.path.join(folder, "cfg.json")) as f:
-        cfg = json.load(f)
+def load_sae(folder, d_model=None):
+    """(SAE, its layer, whether it reads centred residuals) from a SAELens-format folder. With
+    d_model, the SAE must read residuals of that width."""
+    path = os.path.join(folder, "cfg.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a JSON {type(cfg).__name__}, expected an object of settings")
     if cfg.get("normalize_activations", "none") != "none":
         raise ValueError(f"{folder}: cfg.json has normalize_activations {cfg['normalize_activations']!r}, expected 'none'")
     # SAELens 6 names the architecture; older folders say topk through activation_fn_str.
@@ -84,12 +90,13 @@ def load_sae(folder, d_model):
     parts = hook.split(".")
     if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_pre" or not parts[1].isdigit():
         raise ValueError(f"{folder}: hook_name {hook!r}, expected blocks.L.hook_resid_pre")
-    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    w = gpt2.load_safetensors(os.path.join(folder, "sae_weights.safetensors"))
     keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
     for key in keys:
         if key not in w:
             raise ValueError(f"{folder}: sae_weights.safetensors has no {key}")
     d, m = w["W_enc"].shape
+    d_model = d_model or d
     shapes = {"W_enc": (d_model, m), "b_enc": (m,), "W_dec": (m, d_model), "b_dec": (d_model,), "threshold": (m,)}
     if any(w[name].shape != shapes[name] for name in keys):
         raise ValueError(f"{folder}: weights of shapes {[list(w[name].shape) for name in keys]}, expected "
@@ -116,8 +123,9 @@ def sae_input(x, center):
 # The two passes over the held-out contexts.
 
 def held_out_batches(args, label):
-    """The same contexts on every call: [batch, ctx] token ids, --tokens of them in all."""
-    stream = gpt2.Contexts(gpt2.corpus(args.data, "eval", args.ctx, args.cache_dir), args.ctx)
+    """The same contexts on every call: [batch, ctx] token ids, --tokens of them in all, or
+    all of the held-out split when it is smaller."""
+    stream = gpt2.Contexts(args.shards, args.ctx)
     done, t0, shown = 0, time.time(), 0.0
     while done < args.tokens:
         idx = stream.next(min(args.batch, math.ceil((args.tokens - done) / args.ctx)))
@@ -126,9 +134,9 @@ def held_out_batches(args, label):
         done += idx.numel()
         yield idx.to(args.device)
         if time.time() - shown > 1:
-            gpt2.progress(label, done, args.tokens, t0, unit="M tokens")
+            gpt2.progress(label, done, args.tokens, t0, unit="tokens")
             shown = time.time()
-    gpt2.progress(label, done, args.tokens, t0, unit="M tokens")
+    gpt2.progress(label, done, args.tokens, t0, unit="tokens")
     print(file=sys.stderr)
 
 
@@ -227,14 +235,17 @@ def metrics(s):
 INTERVALS = (0.0, 0.2, 0.4, 0.6, 0.8)  # example contexts whose peak falls in (a, b] of the max
 
 
+def parse_features(text):
+    """--features as a list of numbers (their range is checked once the SAEs are loaded)."""
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--features {text!r}: expected comma-separated feature numbers") from None
+
+
 def choose_features(s, args):
-    m = len(s["fires"])
     if args.features:
-        chosen = [int(i) for i in args.features.split(",")]
-        bad = [i for i in chosen if not 0 <= i < m]
-        if bad:
-            raise ValueError(f"--features {bad[0]}: expected 0..{m - 1}")
-        return chosen
+        return parse_features(args.features)
     g = torch.Generator().manual_seed(args.seed)
     alive = torch.nonzero(s["fires"].cpu() > 0).squeeze(1)
     sample = alive[torch.randperm(len(alive), generator=g)[:args.n_features]].tolist()
@@ -318,11 +329,8 @@ def dashboard_data(s, model, enc):
             "max": [round(v, 3) for v in s["max_act"].tolist()], "features": features}
 
 
-def write_dashboard(path, data):
-    html = DASHBOARD.replace("__DATA__", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(html)
-    os.replace(path + ".tmp", path)
+def dashboard_html(data):
+    return DASHBOARD.replace("__DATA__", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
 
 
 DASHBOARD = r"""<!doctype html>
@@ -337,10 +345,15 @@ tr.detail td:first-child a { font-weight: bold; }
 .cols { display: flex; gap: 3em; flex-wrap: wrap; }
 .bar { display: inline-block; width: 8px; background: #47a; vertical-align: bottom; margin-right: 1px; }
 .muted { color: #888; } #search { width: 6em; }
+.plot { display: grid; grid-template-columns: auto auto auto; column-gap: 4px; font-size: 12px; }
+.yaxis { display: flex; flex-direction: column; justify-content: space-between; text-align: right; }
+.ylabel { writing-mode: vertical-rl; transform: rotate(180deg); text-align: center; }
+.xaxis { display: flex; justify-content: space-between; }
 </style></head><body>
 <h1 id="title"></h1>
 <p>Find feature <input id="search" type="number" min="0"> <button id="go">show</button>
 <span id="note" class="muted"></span></p>
+<p id="full"></p>
 <div id="feature"></div>
 <h2>All features</h2>
 <p><button id="prev">&larr;</button> <span id="page"></span> <button id="next">&rarr;</button>
@@ -356,6 +369,7 @@ const log10 = d => d > 0 ? Math.log10(d).toFixed(2) : "dead";
 function renderIndex() {
   const body = document.getElementById("index"); body.replaceChildren();
   const n = DATA.density.length, pages = Math.ceil(n / PAGE);
+  page = Math.max(0, Math.min(page, pages - 1));
   for (let i = page * PAGE; i < Math.min(n, (page + 1) * PAGE); i++) {
     const tr = el("tr", {className: DATA.features[i] ? "detail" : ""});
     const td = el("td"); td.append(el("a", {href: "#f=" + i}, String(i))); tr.append(td);
@@ -382,16 +396,23 @@ function context(c, peakShade) {
 function renderFeature(i) {
   const box = document.getElementById("feature"); box.replaceChildren();
   const note = document.getElementById("note"); note.textContent = "";
-  if (!(i >= 0 && i < DATA.density.length)) { note.textContent = `no feature ${i}`; return; }
+  const n = DATA.density.length;
+  if (!(i >= 0 && i < n)) { note.textContent = `no feature ${i} (this SAE has 0..${n - 1})`; return; }
   const f = DATA.features[i];
   box.append(el("h2", {}, `Feature ${i}`));
   box.append(el("p", {}, `density ${DATA.density[i].toExponential(3)} (log10 ${log10(DATA.density[i])}), max activation ${DATA.max[i].toFixed(3)}`));
   if (!f) { note.textContent = `feature ${i} has no full dashboard: rerun with --features ${i}`; return; }
   const cols = el("div", {className: "cols"});
-  const hist = el("div"); hist.append(el("h3", {}, "Activations (nonzero), 0 to max"));
+  // The histogram: counts of nonzero activations, in 40 bins from 0 to the feature's max.
+  const hist = el("div"); hist.append(el("h3", {}, "Activations (nonzero)"));
   const hmax = Math.max(1, ...f.hist), bars = el("div", {style: "height: 80px"});
   f.hist.forEach(c => bars.append(el("span", {className: "bar", title: String(c), style: `height: ${Math.round(80 * c / hmax)}px`})));
-  hist.append(bars); cols.append(hist);
+  const yaxis = el("div", {className: "yaxis"}); yaxis.append(el("span", {}, String(hmax)), el("span", {}, "0"));
+  const xaxis = el("div", {className: "xaxis"});
+  xaxis.append(el("span", {}, "0"), el("span", {}, "activation"), el("span", {}, f.max.toFixed(3)));
+  const plot = el("div", {className: "plot"});
+  plot.append(el("div", {className: "ylabel"}, "count"), yaxis, bars, el("div"), el("div"), xaxis);
+  hist.append(plot); cols.append(hist);
   for (const [name, list] of [["Raises the logits of", f.up], ["Lowers the logits of", f.down]]) {
     const d = el("div"); d.append(el("h3", {}, name));
     list.forEach(([t, v]) => d.append(el("div", {className: "ctx"}, `${JSON.stringify(t)}  ${v}`)));
@@ -411,8 +432,11 @@ function renderFeature(i) {
 
 function route() {
   const m = location.hash.match(/^#f=(\d+)$/);
-  if (m) { const i = Number(m[1]); page = Math.floor(i / PAGE); renderIndex(); renderFeature(i); }
+  if (m) { const i = Number(m[1]); page = Math.floor(i / PAGE); renderIndex(); renderFeature(i); }  // renderIndex clamps the page
 }
+const full = document.getElementById("full"), detailed = Object.keys(DATA.features);
+full.append(detailed.length ? "Full dashboards: " : "No feature has a full dashboard (rerun with --dashboard --features)");
+detailed.forEach((i, k) => { if (k) full.append(", "); full.append(el("a", {href: "#f=" + i}, i)); });
 document.getElementById("title").textContent = `${DATA.name}: layer ${DATA.layer}, ${DATA.density.length} features, ${DATA.tokens} tokens`;
 document.getElementById("prev").onclick = () => { page = Math.max(0, page - 1); renderIndex(); };
 document.getElementById("next").onclick = () => { page = Math.min(Math.ceil(DATA.density.length / PAGE) - 1, page + 1); renderIndex(); };
@@ -432,46 +456,82 @@ COLUMNS = [("layer", "layer", "{}"), ("explained_variance", "var. expl.", "{:.2%
            ("mse", "MSE", "{:.4g}"), ("cos", "cos", "{:.4f}"), ("norm_ratio", "|x_hat|/|x|", "{:.3f}"), ("dead", "dead", "{}")]
 
 
+written = []  # the files this run has written, for the message if it is interrupted
+
+
 def main(argv=None):
     args = p.parse_args(argv)
+    # Every check that can fail comes before the slow work: GPT-2's download and the passes.
     for flag in ("tokens", "ctx", "batch", "top"):
         if getattr(args, flag) < (2 if flag == "ctx" else 1):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
-    folders = find_sae_folders(args.folders)
-    model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
+    gpt2.check_device(args.device)
+    features = parse_features(args.features) if args.features else []
+    if args.weights is not None:
+        gpt2.check_weights_path(args.weights)
+    enc = gpt2.tokenizer() if args.dashboard else None
     saes = []
-    for folder in folders:
-        sae, layer, center = load_sae(folder, model.cfg.n_embd)
-        gpt2.check_layers([layer], model.cfg.n_layer)
-        saes.append({"folder": folder, "sae": sae.to(args.device), "layer": layer, "center": center})
+    for folder in find_sae_folders(args.folders):
+        sae, layer, center = load_sae(folder)
+        with open(os.path.join(folder, "cfg.json")) as f:
+            model_name = json.load(f).get("model_name", "gpt2")
+        if model_name not in ("gpt2", "gpt2-small"):  # ours say gpt2, Bloom's gpt2-small
+            raise ValueError(f"{folder}: an SAE of {model_name!r} activations (cfg.json model_name), expected gpt2: "
+                             f"eval.py splices SAEs into GPT-2")
+        saes.append({"folder": folder, "sae": sae, "layer": layer, "center": center})
+        m = sae.W_enc.shape[1]
+        bad = [i for i in features if not 0 <= i < m]
+        if bad:
+            raise ValueError(f"--features {bad[0]}: expected 0..{m - 1} (d_sae of {folder})")
+    for s in saes:
+        sae = s["sae"]
+        print(f"SAE {s['folder']}: layer {s['layer']}, {sae.arch}{f' k {sae.k}' if sae.arch == 'topk' else ''}, "
+              f"d_sae {sae.W_enc.shape[1]:,}{', centred input' if s['center'] else ''}", file=sys.stderr)
+    args.shards = gpt2.corpus(args.data, "eval", args.ctx, args.cache_dir)  # opened once, read by both passes
+    model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
+    for s in saes:
+        gpt2.check_layers([s["layer"]], model.cfg.n_layer)
+        if s["sae"].W_enc.shape[0] != model.cfg.n_embd:
+            raise ValueError(f"{s['folder']}: an SAE of width {s['sae'].W_enc.shape[0]}, "
+                             f"expected GPT-2's d_model {model.cfg.n_embd}")
+        s["sae"] = s["sae"].to(args.device)
     first_pass(model, saes, args)
+    n = saes[0]["n"]
+    if n < args.tokens:
+        print(f"the held-out split has only {n:,} tokens (in contexts of {args.ctx}); "
+              f"evaluated on {n:,} of the {args.tokens:,} asked", file=sys.stderr)
     if args.dashboard:
         for s in saes:
             s["chosen"] = choose_features(s, args)
             start_examples(s, args)
     second_pass(model, saes, args)
-    rows = []
+    rows, files = [], []  # files: (path, text), written together at the end
     for s in saes:
         result = metrics(s)
-        result["settings"] = {"tokens": args.tokens, "ctx": args.ctx, "data": args.data}
-        with open(os.path.join(s["folder"], "eval.json.tmp"), "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(os.path.join(s["folder"], "eval.json.tmp"), os.path.join(s["folder"], "eval.json"))
+        result["settings"] = {"tokens_requested": args.tokens, "ctx": args.ctx, "data": args.data}
+        files.append((os.path.join(s["folder"], "eval.json"), json.dumps(result, indent=2)))
         rows.append([fmt.format(result[key]) for key, _, fmt in COLUMNS])
         if args.dashboard:
-            import tiktoken
-            write_dashboard(os.path.join(s["folder"], "dashboard.html"), dashboard_data(s, model, tiktoken.get_encoding("gpt2")))
+            files.append((os.path.join(s["folder"], "dashboard.html"), dashboard_html(dashboard_data(s, model, enc))))
+    for path, text in files:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)  # atomic: an interrupted run leaves the old file whole
+        written.append(path)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (_, h, _) in enumerate(COLUMNS)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, widths)))
     for r in rows:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
-    print(f"({saes[0]['n']:,} held-out tokens; eval.json{' and dashboard.html' if args.dashboard else ''} "
+    print(f"({n:,} held-out tokens; eval.json{' and dashboard.html' if args.dashboard else ''} "
           f"written beside each SAE)")
     return saes
 
 
 if __name__ == "__main__":
+    gpt2.stop_on_sigterm()
     try:
         main()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        gpt2.exit_interrupted(e, f"wrote only {', '.join(written)}" if written else "nothing was written")

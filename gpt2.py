@@ -14,12 +14,17 @@ that feeds it. Everything the SAE trainer and the evaluation need from the langu
 that the weights and the data are right (about 3.3 nats at context 128).
 """
 
+import argparse
+import errno
 import hashlib
 import http.client
 import os
+import signal
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from functools import partial
@@ -163,28 +168,51 @@ def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2_sae")
 
 
-def progress(label, done, total, t0, unit="MB"):
-    """One self-overwriting status line on stderr; counts in millions of `unit`'s base."""
+def progress(label, done, total, t0, unit="B"):
+    """One self-overwriting status line on stderr, in a readable scale: a symbol such as "B"
+    takes the prefix (kB, MB, GB); a word such as "tokens" follows it (12.3k tokens). The scale
+    of the counts comes from the total (or from `done` when the total is unknown), the rate's
+    from the rate, so that slow progress does not show as 0.0."""
     rate = done / max(time.time() - t0, 1e-9)
-    of = f"/{total / 1e6:,.1f} {unit} ({100 * done / total:.0f}%)" if total else f" {unit}"
-    print(f"\r{label}: {done / 1e6:,.1f}{of} at {rate / 1e6:.2f} {unit}/s ", end="", file=sys.stderr, flush=True)
+    (scale, prefix), (rate_scale, rate_prefix) = si_prefix(total or done), si_prefix(rate)
+    if len(unit) == 1:
+        of = f"/{total / scale:,.1f}" if total else ""
+        count, speed = f"{done / scale:,.1f}{of} {prefix}{unit}", f"{rate / rate_scale:.2f} {rate_prefix}{unit}/s"
+    else:
+        of = f"/{total / scale:,.1f}{prefix}" if total else ""
+        count, speed = f"{done / scale:,.1f}{prefix}{of} {unit}", f"{rate / rate_scale:.2f}{rate_prefix} {unit}/s"
+    share = f" ({100 * done / total:.0f}%)" if total else ""
+    print(f"\r{label}: {count}{share} at {speed}  ", end="", file=sys.stderr, flush=True)
+
+
+def si_prefix(x):
+    """(scale, prefix) that shows x with one to three digits before the point: (1e6, "M")."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return scale, prefix
+    return 1, ""
 
 
 def download(url, path, size=None, sha256=None, retries=5):
     """Fetch `url` to `path` unless it is already there. Checks the size (given, or else the
     server's), and the SHA-256 when given. A broken transfer is resumed from `path + '.part'`,
-    here or on a later call; a file that fails a check is deleted, never renamed into place."""
+    here or on a later call; a file that fails a check is deleted, never renamed into place.
+    Only failures that a retry can mend are retried: not a missing network or a refusal."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part, name = path + ".part", os.path.basename(path)
+    resume = lambda: f"; run again to resume from {part}" if os.path.exists(part) else ""
+    tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
     for attempt in range(retries + 1):
         try:
             total = fetch_rest(url, part, name)
         except (OSError, http.client.HTTPException) as e:  # refused, timed out, or cut mid-body
+            why = lasting_failure(url, e)
+            if why:
+                raise OSError(why + resume()) from None
             if attempt == retries:
-                raise OSError(f"download of {url} failed {retries + 1} times ({e}); "
-                              f"run again to resume from {part}") from None
+                raise OSError(f"download of {url} failed ({e}) after {tries}{resume()}") from None
             print(f"\n{name}: transfer broke ({e}); resuming", file=sys.stderr)
             time.sleep(min(2 ** attempt - 1, 30))
             continue
@@ -192,7 +220,7 @@ def download(url, path, size=None, sha256=None, retries=5):
             break
         print(f"\n{name}: the server closed early; resuming", file=sys.stderr)
     else:
-        raise OSError(f"download of {url} is incomplete after {retries + 1} tries; run again to resume")
+        raise OSError(f"download of {url} is incomplete after {tries}{resume()}")
     got, want = os.path.getsize(part), size or total
     problem = (f"{got:,} bytes, expected {want:,}" if want is not None and got != want else
                f"SHA-256 differs from {sha256}" if sha256 and file_sha256(part) != sha256 else None)
@@ -201,6 +229,23 @@ def download(url, path, size=None, sha256=None, retries=5):
         raise ValueError(f"{url}: {problem}; deleted the download")
     os.replace(part, path)
     return path
+
+
+def lasting_failure(url, e):
+    """Why the request failed, in one line, when retrying in a few seconds cannot help (no
+    network, no such host, nothing listening, the server says no); None when it can (a
+    transfer cut mid-body, a timeout, a server error)."""
+    host = urllib.parse.urlsplit(url).hostname
+    if isinstance(e, urllib.error.HTTPError):
+        return None if e.code >= 500 or e.code == 429 else f"download of {url} failed: HTTP {e.code} {e.reason}"
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, socket.gaierror):
+        return f"cannot reach {host}: name resolution failed (no network?)"
+    if isinstance(reason, ConnectionRefusedError):
+        return f"cannot reach {host}: connection refused"
+    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"cannot reach {host}: {reason.strerror} (no network?)"
+    return None
 
 
 def fetch_rest(url, part, name):
@@ -254,32 +299,63 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 def from_pretrained(path=None, cache_dir=None, cfg=None):
     """GPT-2 from a local `model.safetensors`, or OpenAI's GPT-2 small (downloaded once, then
     cached). Without `cfg`, the sizes are read off the file (any GPT-2: small to XL); with
-    one, the file must match it exactly."""
+    one, the file must match it exactly. Says on stderr what it loaded."""
     if path is None:
         path = download(GPT2_URL, os.path.join(cache_dir or default_cache_dir(), "gpt2", "model.safetensors"),
                         size=GPT2_SIZE, sha256=GPT2_SHA256)
     tensors = read_weights(path)
     model = GPT(cfg or config_of(tensors, path))
     copy_weights(model, tensors, path)
+    n = sum(p.numel() for p in model.parameters())  # wte counted once: the unembedding is tied to it
+    print(f"GPT-2 weights: {path} ({os.path.getsize(path) / 1e6:,.0f} MB, {n / 1e6:,.1f}M parameters, "
+          f"{model.cfg.n_layer} layers, d {model.cfg.n_embd})", file=sys.stderr)
     return model.eval()
+
+
+def check_device(device):
+    """Refuse a device torch cannot use here, before any slow work."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def check_weights_path(path):
+    """Refuse a weights path that is missing or a directory, before any slow work."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--weights {path} is a directory, expected a model.safetensors file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+
+
+def load_safetensors(path):
+    """Every tensor of a safetensors file (never a pickle), or one line on a file that is
+    truncated or not safetensors at all."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        return load_file(path)  # reads the header first: a truncated file fails there
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
 
 
 def read_weights(path):
     """The tensors of a published-layout (or transformers `save_pretrained`) safetensors file,
     under our names: no `transformer.` prefix, no causal-mask buffers, no separate lm_head."""
-    from safetensors import SafetensorError, safe_open
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:  # reads the header; a truncated file fails here
-            tensors = {}
-            for key in f.keys():
-                name = key.removeprefix("transformer.")  # transformers' save_pretrained adds it
-                if name.endswith((".attn.bias", ".attn.masked_bias")):
-                    continue  # causal-mask buffers: constants, not weights
-                tensors[name] = f.get_tensor(key)
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+    check_weights_path(path)
+    tensors = {}
+    for key, t in load_safetensors(path).items():
+        name = key.removeprefix("transformer.")  # transformers' save_pretrained adds it
+        if not name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers: constants
+            tensors[name] = t
     if "lm_head.weight" in tensors:  # some writers store the tied matrix twice
         if not torch.equal(tensors.pop("lm_head.weight"), tensors.get("wte.weight")):
             raise ValueError(f"{path}: lm_head.weight differs from wte.weight; expected them tied")
@@ -378,14 +454,13 @@ def write_shard(path, tokens):
 def tokenize_text(path, cache_dir=None):
     """Tokenize a UTF-8 text file, in which documents are separated by <|endoftext|>, into a
     cached shard; return the shard's path. Reads in pieces, with progress, so size is no limit."""
-    import tiktoken
     st = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = os.path.join(cache_dir or default_cache_dir(), "tokens", f"{os.path.basename(path)}.{key}.bin")
     if os.path.exists(out):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = tokenizer()
     pieces, done, t0, last = [np.array([BOS], np.uint16)], 0, time.time(), time.time()
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -406,6 +481,20 @@ def tokenize_text(path, cache_dir=None):
     return out
 
 
+def tokenizer():
+    """GPT-2's tokenizer. tiktoken fetches its two files once and caches them; offline it
+    needs them in TIKTOKEN_CACHE_DIR, under the SHA-1s of the URLs it would fetch them from."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' errors when offline, a hash mismatch, an unreadable cache
+        where = os.environ.get("TIKTOKEN_CACHE_DIR")
+        raise ValueError(f"cannot load GPT-2's tokenizer ({type(e).__name__}): with network, tiktoken fetches it "
+                         f"once by itself; offline, set TIKTOKEN_CACHE_DIR (now {where or 'unset'}) to a folder "
+                         f"holding tiktoken's copies of vocab.bpe and encoder.json, named "
+                         f"6d1cbeee0f20b3d9449abfede4726ed8212e3aee and 6c7ea1a7e38e3a7f062df639a5b80947f075ffe6") from None
+
+
 def fineweb_shard(split, i, cache_dir=None):
     name = f"fineweb_{split}_{i:06d}.bin"
     path = os.path.join(cache_dir or default_cache_dir(), "fineweb10B", name)
@@ -413,20 +502,26 @@ def fineweb_shard(split, i, cache_dir=None):
 
 
 def corpus(source="fineweb", split="train", ctx=128, cache_dir=None):
-    """The shards of a corpus as zero-argument functions, opened (and downloaded) only when
-    the stream reaches them. `source` is "fineweb", or local token files: a list, or a string
-    of comma-separated paths (the --data flag's form).
+    """The shards of a corpus as zero-argument functions, for Contexts. `source` is "fineweb",
+    whose shards are downloaded only when the stream reaches them, or local token files: a list,
+    or a string of comma-separated paths (the --data flag's form), each opened and checked now
+    (a .txt is tokenized now, once), so that a bad file fails at once, not when the stream
+    reaches it. Says on stderr what the split holds.
     The held-out "eval" split is FineWeb's validation shard, or else the last 1% of each
     file's windows (at least one), so it never overlaps "train"."""
     if split not in ("train", "eval"):
         raise ValueError(f"split {split!r}, expected 'train' or 'eval'")
+    what = "held-out" if split == "eval" else "training"
     if source == "fineweb":
         shards = [("val", 0)] if split == "eval" else [("train", i) for i in FINEWEB_TRAIN_SHARDS]
+        print(f"{what} tokens: FineWeb-10B, {len(shards)} shard{'s' * (len(shards) > 1)} of about 100M tokens, "
+              f"each downloaded (200 MB) when the stream reaches it", file=sys.stderr)
         return [partial(fineweb_shard, s, i, cache_dir) for s, i in shards]
     paths = source.split(",") if isinstance(source, str) else list(source)
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"token file not found: {p}")
+    sizes = [len(local_split(p, split, ctx, cache_dir)) for p in paths]
+    if sum(n // (ctx - 1) for n in sizes) == 0:
+        raise ValueError(f"empty corpus: no file holds a context of {ctx - 1} tokens")
+    print(f"{what} tokens: {len(paths)} file{'s' * (len(paths) > 1)}, {sum(sizes):,} tokens", file=sys.stderr)
     return [partial(local_split, p, split, ctx, cache_dir) for p in paths]
 
 
@@ -491,33 +586,71 @@ class Contexts:
         self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
 
 # -----------------------------------------------------------------------------
-# `python gpt2.py`: the clean model's cross-entropy on held-out tokens.
+# `python gpt2.py`: the clean model's cross-entropy on held-out tokens. And what the three
+# command lines (gpt2.py, train_sae.py, eval.py) share: their --help, and how they stop.
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None and "": such flags say in their help what they
+    do without a value, and "(default: None)" would only repeat it less clearly."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
+def stop_on_sigterm():
+    """Make SIGTERM stop the program as Ctrl-C does, with a KeyboardInterrupt that carries
+    the signal's number."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def exit_interrupted(e, what):
+    """End on a KeyboardInterrupt with one line and the shell's status for the signal, 128 + its
+    number: 130 for Ctrl-C, 143 for SIGTERM."""
+    signum = e.args[0] if e.args else signal.SIGINT
+    print(f"\ninterrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
+    sys.exit(128 + signum)
+
 
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="Cross-entropy of GPT-2 small on held-out tokens.")
+    p = argparse.ArgumentParser(description="Cross-entropy of GPT-2 small on held-out tokens.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--weights", default=None, help="local model.safetensors (default: download OpenAI's)")
     p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
     p.add_argument("--tokens", type=int, default=1 << 18, help="held-out tokens to score")
     p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
     p.add_argument("--batch", type=int, default=32, help="contexts per forward")
-    p.add_argument("--cache_dir", default=None, help=f"downloads go here (default {default_cache_dir()})")
+    p.add_argument("--cache_dir", default=None, help=f"downloads go here (default: {default_cache_dir()})")
     args = p.parse_args(argv)
+    for flag in ("tokens", "ctx", "batch"):
+        if getattr(args, flag) < (2 if flag == "ctx" else 1):
+            raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.weights is not None:
+        check_weights_path(args.weights)
     stream = Contexts(corpus(args.data, "eval", args.ctx, args.cache_dir), args.ctx)
     idx = stream.next(args.batch)  # read the data before the model, so bad data fails fast
     model = from_pretrained(args.weights, args.cache_dir).to(device)
-    total, count = 0.0, 0
+    total, count, tokens, t0 = 0.0, 0, 0, time.time()
     with torch.no_grad():
-        while len(idx) and count < args.tokens:
+        while len(idx) and tokens < args.tokens:
             losses = model.token_losses(idx.to(device))  # [batch, ctx-1]
-            total, count = total + losses.sum().item(), count + losses.numel()
+            total, count, tokens = total + losses.sum().item(), count + losses.numel(), tokens + idx.numel()
+            progress("scoring held-out tokens", tokens, args.tokens, t0, unit="tokens")
             idx = stream.next(args.batch)  # [batch, ctx]; empty at the end of the held-out split
+    print(file=sys.stderr)
+    if tokens < args.tokens:
+        print(f"the held-out split has only {tokens:,} tokens (in contexts of {args.ctx}); "
+              f"evaluated on {tokens:,} of the {args.tokens:,} asked", file=sys.stderr)
     print(f"clean cross-entropy: {total / count:.4f} nats/token over {count:,} predictions")
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     try:
         main()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        exit_interrupted(e, "stopped before the result")

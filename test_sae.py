@@ -11,6 +11,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when kernels are defined: before tr
 import http.server
 import json
 import math
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -184,10 +186,13 @@ def test_loader_refuses_bad_files(small, tmp_path):
 
 @pytest.fixture
 def server():
-    state = {"files": {}, "ranges": [], "cut_first_at": None}
+    state = {"files": {}, "ranges": [], "cut_first_at": None, "errors": []}  # errors: statuses to answer first
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if state["errors"]:
+                self.send_error(state["errors"].pop(0))
+                return
             if self.path.startswith("/redirect/"):  # as Hugging Face sends downloads to its CDN
                 self.send_response(302)
                 self.send_header("Location", self.path.removeprefix("/redirect"))
@@ -269,6 +274,56 @@ def test_download_refuses_size_or_hash_mismatch(server, tmp_path):
     with pytest.raises(ValueError, match="SHA-256 differs"):
         gpt2.download(server["url"] + "/w.bin", dest, sha256="0" * 64)
     assert os.listdir(tmp_path) == []
+
+
+def test_download_without_network_fails_at_once(tmp_path, monkeypatch, capsys):
+    """No retries for what a retry cannot mend: a name that does not resolve (.invalid never
+    does), a port nobody listens on, a 404; and no .part named when none was written."""
+    calls = []
+    fetch = gpt2.fetch_rest
+    monkeypatch.setattr(gpt2, "fetch_rest", lambda *a: calls.append(a) or fetch(*a))
+    for url, message in [("http://nonexistent.invalid/x", "cannot reach nonexistent.invalid: name resolution failed (no network?)"),
+                         (f"http://127.0.0.1:{free_port()}/x", "cannot reach 127.0.0.1: connection refused")]:
+        calls.clear()
+        t0 = time.time()
+        with pytest.raises(OSError) as e:
+            gpt2.download(url, str(tmp_path / "x.bin"))
+        assert str(e.value) == message and len(calls) == 1 and time.time() - t0 < 5
+    assert "transfer broke" not in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+def test_download_retries_server_errors_and_names_the_part_only_when_there_is_one(server, tmp_path, capsys):
+    data = os.urandom(1_000_000)
+    server["files"]["/w.bin"] = data
+    dest, url = str(tmp_path / "w.bin"), server["url"] + "/w.bin"
+    server["errors"] = [404]
+    with pytest.raises(OSError, match=r"^download of .*/w.bin failed: HTTP 404 Not Found$"):
+        gpt2.download(url, dest)
+    server["errors"] = [503, 503]  # a server error is worth a retry; no byte came, so no .part
+    with pytest.raises(OSError, match=r"HTTP Error 503: Service Unavailable\) after 2 tries$"):
+        gpt2.download(url, dest, retries=1)
+    assert capsys.readouterr().err.count("transfer broke") == 1 and os.listdir(tmp_path) == []
+    server["cut_first_at"] = 300_000  # a broken transfer leaves a .part, which the message names
+    with pytest.raises(OSError, match=f"after 1 try; run again to resume from {dest}.part$"):
+        gpt2.download(url, dest, retries=0)
+    assert os.path.getsize(dest + ".part") == 300_000
+    with pytest.raises(OSError, match=f"^cannot reach 127.0.0.1: connection refused; run again to resume from {dest}.part$"):
+        gpt2.download(f"http://127.0.0.1:{free_port()}/w.bin", dest)
+    gpt2.download(url, dest, size=len(data))  # and the next run resumes it
+    assert open(dest, "rb").read() == data and server["ranges"][-1] == "bytes=300000-"
+
+
+def test_progress_picks_a_readable_scale(capsys):
+    t0 = time.time() - 10
+    gpt2.progress("eval", 12_300, 50_000, t0, unit="tokens")
+    gpt2.progress("model.safetensors", 120_500_000, 548_105_171, t0)
+    gpt2.progress("shard.bin", 2_500, None, t0)
+    gpt2.progress("eval", 300, 900, t0, unit="tokens")
+    lines = [line.strip() for line in capsys.readouterr().err.split("\r") if line]
+    assert lines == ["eval: 12.3k/50.0k tokens (25%) at 1.23k tokens/s",
+                     "model.safetensors: 120.5/548.1 MB (22%) at 12.05 MB/s",
+                     "shard.bin: 2.5 kB at 250.00 B/s",
+                     "eval: 300.0/900.0 tokens (33%) at 30.00 tokens/s"]
 
 # -----------------------------------------------------------------------------
 # Tokens
@@ -365,6 +420,21 @@ def test_contexts_are_deterministic_and_resume(tmp_path):
         make(1).load_state_dict(state)
 
 
+def test_corpus_checks_every_file_at_once(tmp_path, capsys):
+    paths, _ = shard_files(tmp_path, [1000, 500])
+    (tmp_path / "odd.bin").write_bytes(bytes(1001))
+    # The bad file is the second of three: refused now, not when the stream reaches it.
+    with pytest.raises(ValueError, match="odd.bin: odd size 1,001 bytes, expected uint16 tokens"):
+        gpt2.corpus([paths[0], str(tmp_path / "odd.bin"), paths[1]], "train", 16)
+    capsys.readouterr()
+    # 66 and 33 windows of 15 tokens: the last of each is held out, with the leftover tokens.
+    assert len(gpt2.corpus(paths, "train", 16)) == 2 and len(gpt2.corpus(",".join(paths), "eval", 16)) == 2
+    assert capsys.readouterr().err == "training tokens: 2 files, 1,455 tokens\nheld-out tokens: 2 files, 45 tokens\n"
+    shards = gpt2.corpus("fineweb", "train", cache_dir=str(tmp_path / "cache"))  # nothing is fetched yet
+    assert len(shards) == 103 and not os.path.exists(tmp_path / "cache")
+    assert "103 shards of about 100M tokens, each downloaded (200 MB) when the stream reaches it" in capsys.readouterr().err
+
+
 def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
     gpt2.write_shard(str(tmp_path / "t.bin"), np.full(500, 60000, np.uint16))
     with pytest.raises(ValueError, match="token id 60000 in the corpus, expected < 50257"):
@@ -380,7 +450,7 @@ def run_cli(*args, cache):
     return r.returncode, r.stderr.strip()
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["train_sae.py", "--layer", "13"], "error: layer 13 out of range: expected 0..12"),
     (["train_sae.py", "--layer", "nine"], "error: --layer 'nine': expected a number"),
     (["train_sae.py", "--data", "missing.txt"], "error: token file not found: missing.txt"),
@@ -392,6 +462,13 @@ def run_cli(*args, cache):
     (["train_sae.py", "--arch", "topk", "--k", "0"], "error: --k 0: expected 1..24576 (--d_sae)"),
     (["train_sae.py", "--arch", "batchtopk", "--threshold_rate", "2"], "error: --threshold_rate 2.0: expected a rate in (0, 1]"),
     (["train_sae.py", "--arch", "topk", "--kernels", "triton"], "error: --kernels triton with --arch topk"),
+    (["train_sae.py", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
+    (["eval.py", "{tmp}", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
+    (["train_sae.py", "--activations", "{tmp}/cut.npy", "--out", "{tmp}/run"], "error: {tmp}/cut.npy: not a complete .npy file"),
+    (["train_sae.py", "--activations", "{tmp}/cut.safetensors", "--out", "{tmp}/run"],
+     "error: {tmp}/cut.safetensors: not a complete .safetensors file"),
+    (["train_sae.py", "--weights", "{tmp}"], "error: --weights {tmp} is a directory, expected a model.safetensors file"),
+    (["train_sae.py", "--out", "{tmp}/a.bin"], "error: --out {tmp}/a.bin: a file, expected a run folder"),
     (["eval.py", "{tmp}/nothing"], "error: no such folder"),
     (["eval.py", "{tmp}"], "no SAE in it (expected cfg.json, or folders blocks.L.hook_resid_pre/)"),
     (["eval.py", "{tmp}", "--tokens", "0"], "error: --tokens 0: expected a positive number"),
@@ -400,12 +477,39 @@ def run_cli(*args, cache):
     (["train_sae.py", "--data", "{tmp}/empty.txt", "--out", "{tmp}/run"], "error: empty corpus"),
     (["gpt2.py", "--data", "{tmp}/a.bin", "--weights", "{tmp}/missing.safetensors"],
      "error: weights file not found"),
-])
-def test_bad_input_gets_one_line(tmp_path, args, message):
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
-    (tmp_path / "empty.txt").write_text("")
-    gpt2.write_shard(str(tmp_path / "a.bin"), np.arange(1000, dtype=np.uint16))
-    code, err = run_cli(*[a.format(tmp=tmp_path) for a in args], cache=tmp_path / "cache")
+    (["gpt2.py", "--data", "{tmp}/a.bin", "--weights", "{tmp}"], "is a directory, expected a model.safetensors file"),
+    (["eval.py", "{tmp}", "--weights", "{tmp}"], "is a directory, expected a model.safetensors file"),
+    (["gpt2.py", "--data", "{tmp}/a.bin,{tmp}/odd.bin"], "odd.bin: odd size 1,001 bytes, expected uint16 tokens"),
+    (["gpt2.py", "--tokens", "0"], "error: --tokens 0: expected a positive number"),
+    (["eval.py", "{tmp}", "--features", "abc"], "error: --features 'abc': expected comma-separated feature numbers"),
+    (["bench.py", "--sections", "gpt2,nonsense"],
+     "error: --sections 'nonsense': expected a comma-separated list of gpt2, step, train, precision, ranks, realacts"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every BAD_INPUT command line, run a few at a time: each spends about 1.5 s importing
+    torch, so on 2 cores running them side by side halves the wait. Each has its own cache."""
+    from concurrent.futures import ThreadPoolExecutor
+    tmp = tmp_path_factory.mktemp("bad_input")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (tmp / "empty.txt").write_text("")
+    gpt2.write_shard(str(tmp / "a.bin"), np.arange(1000, dtype=np.uint16))
+    (tmp / "odd.bin").write_bytes(bytes(1001))
+    np.save(tmp / "cut.npy", np.zeros((1000, 16), np.float32))
+    save_file({"x": torch.zeros(1000, 16)}, str(tmp / "cut.safetensors"))
+    for name in ("cut.npy", "cut.safetensors"):  # truncated, as by a full disk or a killed copy
+        (tmp / name).write_bytes((tmp / name).read_bytes()[:3000])
+    run = lambda i: run_cli(*[a.format(tmp=tmp) for a in BAD_INPUT[i][0]], cache=tmp / "caches" / str(i))
+    with ThreadPoolExecutor(4) as pool:
+        return tmp, list(pool.map(run, range(len(BAD_INPUT))))
+
+
+@pytest.mark.parametrize("i", range(len(BAD_INPUT)), ids=[" ".join(args) for args, _ in BAD_INPUT])
+def test_bad_input_gets_one_line(bad_input_runs, i):
+    tmp, results = bad_input_runs
+    (code, err), message = results[i], BAD_INPUT[i][1].format(tmp=tmp)
     assert code != 0 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
 
 # -----------------------------------------------------------------------------
@@ -941,17 +1045,18 @@ def run_train(args, signal_after_checkpoint=None):
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how):
+def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how, capsys):
+    """The run that is killed is a real process; the others run in this one."""
     extra = ["--layer", "0,2", "--checkpoint_every", "256"]
-    code, err = run_train(tiny_args(tiny, tmp_path / "whole", *extra, steps=200))
-    assert code == 0, err
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=200))
     code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=200), signal_after_checkpoint=how)
     assert code == (-9 if how == signal.SIGKILL else 128 + signal.SIGTERM), err
     assert not os.path.exists(tmp_path / "cut" / "blocks.0.hook_resid_pre")  # it really was cut short
-    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=200))
-    assert code != 0 and "holds an unfinished run: continue it with --resume" in err
-    code, err = run_train(["--resume", str(tmp_path / "cut")])
-    assert code == 0 and "resumed" in err, err
+    with pytest.raises(ValueError, match="holds an unfinished run: continue it with --resume"):
+        train_sae.main(tiny_args(tiny, tmp_path / "cut", *extra, steps=200))
+    capsys.readouterr()
+    train_sae.main(["--resume", str(tmp_path / "cut")])
+    assert "resumed" in capsys.readouterr().err
     for layer in (0, 2):
         whole = sae_weights(tmp_path / "whole" / f"blocks.{layer}.hook_resid_pre")
         cut = sae_weights(tmp_path / "cut" / f"blocks.{layer}.hook_resid_pre")
@@ -965,29 +1070,213 @@ def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path):
     """The threshold and AuxK's dead-feature counters are checkpointed too (AuxK is on: an
     8-batch dead window at k 2 leaves features dead)."""
     extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", "batchtopk", "--k", "2"]
-    code, err = run_train(tiny_args(tiny, tmp_path / "whole", *extra, steps=120))
-    assert code == 0, err
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=120))
     assert any(json.loads(line)["auxk"] > 0 for line in open(tmp_path / "whole" / "log.jsonl"))
     code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=120), signal_after_checkpoint=signal.SIGKILL)
     assert code == -9 and not os.path.exists(tmp_path / "cut" / "blocks.1.hook_resid_pre"), err
-    code, err = run_train(["--resume", str(tmp_path / "cut")])
-    assert code == 0 and "resumed" in err, err
+    train_sae.main(["--resume", str(tmp_path / "cut")])
     whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "cut"))
     assert set(whole) == set(cut) and all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
-    x[1500:] = np.inf  # read in the fifth refill
+def signal_during_step(monkeypatch, at_step, signum, times):
+    """Make this process receive `signum` `times` times while train_step runs step `at_step`."""
+    real, sent = train_sae.train_step, []
+
+    def step(t, x, s, *args, **kwargs):
+        if s == at_step and not sent:
+            sent.append(s)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return real(t, x, s, *args, **kwargs)
+    monkeypatch.setattr(train_sae, "train_step", step)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_and_resumes_mid_buffer(tiny, tmp_path, monkeypatch, capsys, signum):
+    """The first signal stops the run after the step it arrives in, not at the end of the
+    half-buffer (minutes on CPU): the checkpoint keeps the served rows not yet trained on, and
+    --resume gives the weights of a run never stopped."""
+    extra = ["--layer", "0,2", "--buffer", "2048", "--checkpoint_every", "10000000"]  # 16 steps per half-buffer
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=40))
+    signal_during_step(monkeypatch, 6, signum, times=1)
+    with pytest.raises(SystemExit) as stopped:
+        train_sae.main(tiny_args(tiny, tmp_path / "cut", *extra, steps=40))
+    assert stopped.value.code == 128 + signum
+    err = capsys.readouterr().err
+    assert "stopping after this step, with a checkpoint" in err and f"stopped by signal {signum} at step 7" in err
+    assert json.load(open(tmp_path / "cut" / "checkpoint.json"))["step"] == 7
+    checkpoint = load_file(str(tmp_path / "cut" / "ckpt-000000007-rank0.safetensors"))
+    assert checkpoint["served"].shape == (9 * 64, 2, 64)  # 16 batches served, 7 trained on
+    monkeypatch.undo()
+    train_sae.main(["--resume", str(tmp_path / "cut")])
+    for layer in (0, 2):
+        whole = sae_weights(tmp_path / "whole" / f"blocks.{layer}.hook_resid_pre")
+        cut = sae_weights(tmp_path / "cut" / f"blocks.{layer}.hook_resid_pre")
+        assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
+
+
+@pytest.mark.parametrize("at_step, note", [(20, "the checkpoint of step 16 is kept: continue with --resume"),
+                                           (3, "no checkpoint was written yet: start again")])
+def test_a_second_signal_quits_at_once_with_one_line(tiny, tmp_path, monkeypatch, capsys, at_step, note):
+    extra = ["--layer", "1", "--buffer", "2048", "--checkpoint_every", "1024"]  # routine checkpoints at refills
+    signal_during_step(monkeypatch, at_step, signal.SIGINT, times=2)
+    with pytest.raises(SystemExit) as stopped:
+        train_sae.main(tiny_args(tiny, tmp_path / "run", *extra, steps=40))
+    assert stopped.value.code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"signal 2 again: quitting without a checkpoint; {note}" + (f" {tmp_path / 'run'}" if at_step == 20 else "")
+
+
+def test_interrupting_save_activations_leaves_nothing(tiny, tmp_path):
+    """Ctrl-C while residuals are written: one line, exit 130, no partial file; before that, a
+    live progress line."""
+    weights, tokens = tiny
+    path = tmp_path / "acts.npy"
+    proc = subprocess.Popen([sys.executable, "train_sae.py", "--weights", weights, "--data", tokens, "--ctx", "16",
+                             "--layer", "1", "--save_activations", str(path), "--tokens", "20000000", "--device", "cpu"],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "residuals of blocks.1.hook_resid_pre:" not in seen:  # the first progress line, after a second
+        seen += proc.stderr.read(1)
+        assert proc.poll() is None, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted (SIGINT); nothing was written", seen + err
+    assert "Traceback" not in err and not os.listdir(tmp_path)
+
+
+def test_saved_activations_say_what_they_are_and_label_the_sae(tiny, tmp_path, capsys):
+    """--save_activations writes a .json beside the .npy; training on the file labels the SAE
+    with it, and refuses a --layer that contradicts it. A file without one is labelled
+    'unknown', never gpt2, and eval.py, which splices into GPT-2, refuses it."""
+    weights, tokens = tiny
+    acts = str(tmp_path / "acts.npy")
+    train_sae.main(["--weights", weights, "--data", tokens, "--ctx", "16", "--buffer", "512", "--layer", "2",
+                    "--save_activations", acts, "--tokens", "3000", "--batch", "64", "--device", "cpu"])
+    about = json.load(open(tmp_path / "acts.json"))
+    assert {k: about[k] for k in ("model", "hook_name", "layer", "d", "rows", "centered")} == {
+        "model": "gpt2", "hook_name": "blocks.2.hook_resid_pre", "layer": 2, "d": 64, "rows": 3000, "centered": False}
+    x = np.load(acts)
+    model = gpt2.from_pretrained(weights)
+    first = gpt2.Contexts(gpt2.corpus(tokens, "train", 16), 16, seed=0).next(1)
+    assert np.allclose(x[:15], model.residuals(first, [2])[2][0, :15].detach().numpy(), atol=1e-5)  # the first context
+
+    flags = ["--activations", acts, "--d_sae", "32", "--batch", "64", "--buffer", "512", "--tokens", "640", "--device", "cpu"]
+    train_sae.main([*flags, "--out", str(tmp_path / "run")])
+    cfg = json.load(open(tmp_path / "run" / "blocks.2.hook_resid_pre" / "cfg.json"))
+    assert (cfg["model_name"], cfg["hook_name"], cfg["dataset_path"]) == ("gpt2", "blocks.2.hook_resid_pre", acts)
+    with pytest.raises(ValueError) as e:
+        train_sae.main([*flags, "--out", str(tmp_path / "run3"), "--layer", "3"])
+    assert str(e.value) == (f"--layer 3: {tmp_path / 'acts.json'} says the activations are gpt2 "
+                            f"blocks.2.hook_resid_pre; expected --layer 2 or none")
+
+    np.save(tmp_path / "wide.npy", np.zeros((100, 512), np.float32))  # a width that contradicts its .json
+    shutil.copy(tmp_path / "acts.json", tmp_path / "wide.json")
+    with pytest.raises(ValueError) as e:
+        train_sae.main([*flags, "--activations", str(tmp_path / "wide.npy"), "--out", str(tmp_path / "wide")])
+    assert str(e.value) == f"{tmp_path / 'wide.npy'}: rows of width 512, but {tmp_path / 'wide.json'} says d 64"
+
+    os.remove(tmp_path / "acts.json")
+    capsys.readouterr()
+    train_sae.main([*flags, "--out", str(tmp_path / "bare"), "--layer", "5"])
+    assert "labelled model 'unknown', hook blocks.5.hook_resid_pre (from --layer)" in capsys.readouterr().err
+    cfg = json.load(open(tmp_path / "bare" / "blocks.5.hook_resid_pre" / "cfg.json"))
+    assert cfg["model_name"] == "unknown"
+    with pytest.raises(ValueError) as e:
+        evaluation.main([str(tmp_path / "bare"), "--weights", weights, "--data", tokens, "--ctx", "16"])
+    assert str(e.value) == (f"{tmp_path / 'bare' / 'blocks.5.hook_resid_pre'}: an SAE of 'unknown' activations "
+                            f"(cfg.json model_name), expected gpt2: eval.py splices SAEs into GPT-2")
+
+
+def test_force_leaves_only_the_new_run(tiny, tmp_path, capsys):
+    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "0,2", steps=8))
+    open(tmp_path / "run" / "notes.txt", "w").write("mine")  # not the run's: kept
+    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", "--force", steps=8))
+    assert "--force: deleted the earlier run's blocks.0.hook_resid_pre, blocks.2.hook_resid_pre" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "run")) == ["blocks.1.hook_resid_pre", "log.jsonl", "notes.txt", "run.json"]
+
+
+def test_resume_from_elsewhere_with_moved_inputs(tiny, tmp_path, monkeypatch):
+    """run.json holds absolute paths, so --resume works from any directory; inputs that moved
+    are given again; other flags are refused (the run continues with its own settings)."""
+    weights, tokens = tiny
+    os.makedirs(tmp_path / "a")
+    shutil.copy(tokens, tmp_path / "a" / "tokens.bin")
+    args = tiny_args(tiny, "run", "--layer", "1", "--buffer", "2048", steps=60)
+    args[args.index("--data") + 1] = "tokens.bin"  # relative to the directory it starts in
+    monkeypatch.chdir(tmp_path / "a")
+    signal_during_step(monkeypatch, 20, signal.SIGTERM, times=1)
+    with pytest.raises(SystemExit):
+        train_sae.main(args)
+    monkeypatch.undo()  # back in the project's directory, with train_step as it is
+    assert json.load(open(tmp_path / "a" / "run" / "run.json"))["data"] == str(tmp_path / "a" / "tokens.bin")
+    resume = ["--resume", str(tmp_path / "a" / "run")]
+    with pytest.raises(ValueError, match="^--tokens with --resume: a run continues with the settings in"):
+        train_sae.main([*resume, "--tokens", "100"])
+    os.replace(tmp_path / "a" / "tokens.bin", tmp_path / "moved.bin")
+    with pytest.raises(ValueError, match=r"2 file\(s\), but the run read 1"):
+        train_sae.main([*resume, "--data", f"{tmp_path / 'moved.bin'},{tokens}"])
+    train_sae.main([*resume, "--data", str(tmp_path / "moved.bin")])
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", "--layer", "1", "--buffer", "2048", steps=60))
+    whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "a/run"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_what_a_run_prints_while_it_starts(tiny, tmp_path):
+    """No silent minutes: each stage of the start says what it did, and checkpoints say so too."""
+    code, err = run_train(tiny_args(tiny, tmp_path / "run", "--layer", "1", "--checkpoint_every", "256", steps=12))
+    assert code == 0, err
+    for line in ("filling the first half of the buffer: ", "layer 1: b_dec starts at the geometric median of 256 activations",
+                 "expected time for the remaining 9 steps: ", "checkpoint: step 4, ", f"MB in {tmp_path / 'run'}"):
+        assert line in err, (line, err)
+
+
+def test_expected_time_warns_past_a_day():
+    line = train_sae.expected_time(100_000, 2.0, 0.5)  # 250,000 s
+    assert line.startswith("expected time for the remaining 100,000 steps: 2.9 days (2 s a step, and 0.5 s a step "
+                           "filling the buffer)\nthat is more than a day: ")
+    assert train_sae.expected_time(100, 1.0, 0.2) == ("expected time for the remaining 100 steps: 2.0 min (1 s a step, "
+                                                      "and 0.2 s a step filling the buffer)")
+    assert [train_sae.duration(s) for s in (59, 600, 9000, 100_000, 200_000)] == [
+        "59 s", "10.0 min", "2.5 h", "27.8 h", "2.3 days"]
+
+
+def activation_run(tmp_path, x, *extra, steps=100):
+    """train_sae.main on the activation rows x [N, 16], in this process (the command line's
+    one-line errors are tested above): the error it raises, or None."""
     np.save(tmp_path / "acts.npy", x)
-    code, err = run_train(["--activations", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "run"),
-                           "--d_sae", "32", "--batch", "64", "--buffer", "512", "--tokens", str(64 * 100),
-                           "--log_every", "1", "--checkpoint_every", "256", "--device", "cpu"])
-    assert code == 1 and "loss is nan" in err and "last good checkpoint is kept" in err, err
-    assert len(err.strip().splitlines()) == 1
+    try:
+        train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "run"), "--d_sae", "32",
+                        "--batch", "64", "--buffer", "512", "--tokens", str(64 * steps), "--log_every", "1",
+                        "--device", "cpu", *extra])
+    except (ValueError, FloatingPointError) as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_a_diverged_run_stops_and_names_only_a_checkpoint_that_exists(tmp_path, checkpoints):
+    """Finite inputs whose squares overflow float32 make the loss infinite: the run stops with
+    one line, which offers the last checkpoint only when there is one, and that one is finite."""
+    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+    x[1500:] = 1e38  # read in the fifth refill
+    error = activation_run(tmp_path, x, "--checkpoint_every", "256" if checkpoints else "1000000")
+    assert error and ("loss is inf" in error or "loss is nan" in error or "weights are not finite" in error), error
+    if not checkpoints:
+        assert "no checkpoint was written yet" in error and not os.path.exists(tmp_path / "run" / "checkpoint.json")
+        return
     step = json.load(open(tmp_path / "run" / "checkpoint.json"))["step"]
+    assert f"the checkpoint of step {step:,} is kept: continue with --resume" in error, error
     checkpoint = load_file(str(tmp_path / "run" / f"ckpt-{step:09d}-rank0.safetensors"))
     assert all(torch.isfinite(v.float()).all() for k, v in checkpoint.items() if k != "generator")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_row_is_named(tmp_path, bad):
+    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+    x[1234, 5] = bad
+    error = activation_run(tmp_path, x)
+    assert error == f"{tmp_path / 'acts.npy'}: row 1,234 is not finite (NaN or Inf); expected finite activations"
 
 # -----------------------------------------------------------------------------
 # The Triton kernels (kernels.py), under the interpreter: tiny shapes, none of them a multiple
@@ -1298,18 +1587,30 @@ def test_dashboard_opens_in_a_browser_without_errors(planted, tmp_path):
     if not (folder / "dashboard.html").exists():
         test_dashboard_shows_a_planted_feature(planted)
     url = (folder / "dashboard.html").as_uri()
-    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-                        "--virtual-time-budget=5000", "--dump-dom", url + "#f=5"],
-                       capture_output=True, text=True, timeout=120)
-    console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
-    assert r.returncode == 0 and not console, console or r.stderr[-2000:]
-    dom = r.stdout
+
+    def render(fragment):
+        r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                            "--virtual-time-budget=5000", "--dump-dom", url + fragment],
+                           capture_output=True, text=True, timeout=120)
+        console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+        assert r.returncode == 0 and not console, console or r.stderr[-2000:]
+        return r.stdout
+
+    dom = render("#f=5")
     assert "<h2>Feature 5</h2>" in dom and 'class="tok peak"' in dom
     peaks = dom.split('class="tok peak"')[1:]
     assert peaks and all(p.split(">", 1)[1].startswith(" hello<") for p in peaks)  # the peak token of every example
     assert dom.count("<tr") == 1 + 32 and "page 1 of 1" in dom  # the index: a header and one row per feature
+    # Links to the features with full pages; the histogram's axes: count, and activation from 0 to the max.
+    assert '<p id="full">Full dashboards: <a href="#f=5">5</a>, <a href="#f=6">6</a></p>' in dom
+    f5 = dashboard_data(folder)["features"]["5"]
+    assert '<div class="ylabel">count</div>' in dom and f'<span>{int(max(f5["hist"]))}</span><span>0</span>' in dom
+    assert f'<span>0</span><span>activation</span><span>{f5["max"]:.3f}</span>' in dom
+    # A feature beyond the SAE: said so, and the index stays on a real page.
+    dom = render("#f=5000")
+    assert "no feature 5000 (this SAE has 0..31)" in dom and "page 1 of 1" in dom and dom.count("<tr") == 1 + 32
 
 # -----------------------------------------------------------------------------
 # Several processes: real process groups (gloo) on 127.0.0.1, two ranks.
@@ -1419,3 +1720,106 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes(tiny, tmp_path, singl
     assert_same_saes(single_runs / "0,2", out, [0, 2], tol=1e-6 if mode == "layers" else 1e-5)
     code, err = run_train(["--resume", str(out)])
     assert code != 0 and "no checkpoint to resume from" in err  # finished: the checkpoint is spent
+
+# -----------------------------------------------------------------------------
+# Issue 11: gpt2.py and eval.py messages
+
+
+def test_help_shows_each_default_once(tmp_path):
+    for script in ("gpt2.py", "eval.py", "bench.py"):
+        r = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
+        text = " ".join(r.stdout.split())  # one line: argparse wraps the help at the terminal's width
+        assert r.returncode == 0 and "(default:" in text, (script, r.stderr)
+        assert "(default: None)" not in text and "(default: )" not in text, script
+        assert not re.search(r"\(default:[^()]*\) \(default:", text), script
+    # bench.py names its sections and shows which run by default
+    assert "of gpt2, step, train, precision, ranks, realacts" in text and "(default: gpt2,step,train,precision,ranks)" in text
+
+
+def test_loading_gpt2_says_what_it_loaded(small, capsys):
+    hf, path, _ = small
+    gpt2.from_pretrained(path)
+    n = sum(p.numel() for p in hf.parameters())  # transformers' count; its unembedding is tied too
+    assert capsys.readouterr().err == (f"GPT-2 weights: {path} ({os.path.getsize(path) / 1e6:,.0f} MB, "
+                                       f"{n / 1e6:.1f}M parameters, 3 layers, d 64)\n")
+
+
+def test_tokenizer_offline_gets_one_line(tmp_path):
+    """No network and no cached vocabulary: one line that says where tiktoken looks, and for what."""
+    (tmp_path / "a.txt").write_text("Some text.\n")
+    (tmp_path / "empty").mkdir()
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update({"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+                **{k: "http://127.0.0.1:9" for k in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}})
+    for args in (["gpt2.py", "--data", str(tmp_path / "a.txt")], ["eval.py", str(tmp_path), "--dashboard"]):
+        r = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("error: cannot load GPT-2's tokenizer") and f"TIKTOKEN_CACHE_DIR (now {tmp_path / 'empty'})" in err
+        assert "vocab.bpe and encoder.json, named 6d1cbeee0f20b3d9449abfede4726ed8212e3aee and " \
+               "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6" in err and "with network, tiktoken fetches it" in err
+
+
+def read_stderr_until(proc, text, timeout=60):
+    """What proc has written to stderr once `text` appears in it (progress lines end in \\r, not \\n)."""
+    got, deadline = "", time.time() + timeout
+    while text not in got:
+        assert proc.poll() is None and time.time() < deadline, got
+        if select.select([proc.stderr], [], [], 0.5)[0]:
+            got += os.read(proc.stderr.fileno(), 1 << 16).decode()
+    return got
+
+
+@pytest.mark.parametrize("script, how", [("eval.py", signal.SIGINT), ("eval.py", signal.SIGTERM), ("gpt2.py", signal.SIGINT)],
+                         ids=["eval-SIGINT", "eval-SIGTERM", "gpt2-SIGINT"])
+def test_interrupt_ends_with_one_line(tiny, tmp_path, script, how):
+    tokens = str(tmp_path / "tokens.bin")
+    gpt2.write_shard(tokens, np.random.default_rng(0).integers(0, 50257, 10_000_000).astype(np.uint16))  # 100k held out
+    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", random_sae_weights(64, 96, seed=3), 2, center=True)
+    args = [str(folder)] if script == "eval.py" else []
+    proc = subprocess.Popen([sys.executable, script, *args, "--weights", tiny[0], "--data", tokens, "--ctx", "16",
+                             "--tokens", "100000"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = read_stderr_until(proc, "eval pass 1 of 2" if script == "eval.py" else "scoring held-out tokens")
+    proc.send_signal(how)
+    err += proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 128 + how and "Traceback" not in err, err
+    after_progress = err.rsplit("\r", 1)[1].strip().splitlines()  # the last progress line, then the message
+    what = "nothing was written" if script == "eval.py" else "stopped before the result"
+    assert len(after_progress) == 2 and after_progress[1] == f"interrupted ({how.name}); {what}", err
+    assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors"]  # no eval.json, no .tmp
+
+
+def test_gpt2_and_eval_say_when_the_held_out_split_is_smaller(tiny, tmp_path, capsys):
+    """tiny's held-out split: 40 contexts of 16 tokens."""
+    folder = write_sae_folder(tmp_path / "blocks.1.hook_resid_pre", random_sae_weights(64, 16, seed=1), 1, center=True)
+    short = "the held-out split has only 640 tokens (in contexts of 16); evaluated on 640 of the 1,000,000 asked"
+    evaluation.main(eval_args(tiny, folder, tokens=10 ** 6))
+    err = capsys.readouterr().err
+    assert f"SAE {folder}: layer 1, relu, d_sae 16, centred input\n" in err and short in err
+    result = json.load(open(folder / "eval.json"))
+    assert result["tokens"] == 640 and result["settings"]["tokens_requested"] == 10 ** 6
+    evaluation.main(eval_args(tiny, folder, tokens=64))
+    assert "held-out split has only" not in capsys.readouterr().err
+    assert json.load(open(folder / "eval.json"))["settings"]["tokens_requested"] == 64
+    gpt2.main(["--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--tokens", "1000000"])
+    assert short in capsys.readouterr().err
+    gpt2.main(["--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--tokens", "64"])
+    assert "held-out split has only" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["truncated-weights", "broken-cfg", "feature-out-of-range"])
+def test_eval_bad_sae_folder_gets_one_line_before_any_work(tiny, tmp_path, case):
+    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", random_sae_weights(64, 96, seed=3), 2, center=True)
+    weights_file, cfg_file = folder / "sae_weights.safetensors", folder / "cfg.json"
+    extra = []
+    if case == "truncated-weights":
+        weights_file.write_bytes(weights_file.read_bytes()[:5000])
+        message = f"error: {weights_file}: not a complete safetensors file ("
+    elif case == "broken-cfg":
+        cfg_file.write_text(cfg_file.read_text()[:-10])
+        message = f"error: {cfg_file}: not valid JSON ("
+    else:
+        extra = ["--dashboard", "--features", "3,99999"]
+        message = f"error: --features 99999: expected 0..95 (d_sae of {folder})"
+    code, err = run_cli("eval.py", *eval_args(tiny, folder), *extra, cache=tmp_path / "cache")
+    assert code == 1 and err.startswith(message) and len(err.splitlines()) == 1 and "Traceback" not in err, err

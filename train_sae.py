@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import gpt2
 import kernels
@@ -46,8 +46,10 @@ import kernels
 # Every setting, with its default: Bloom's recipe, except where a comment says otherwise.
 
 p = argparse.ArgumentParser(description="Train SAEs on GPT-2 small's residual stream.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.add_argument("--layer", default="9", help="'9', '3,7,9' or 'all': one SAE per blocks.L.hook_resid_pre")
+                            formatter_class=gpt2.HelpFormatter)
+p.add_argument("--layer", default=None,
+               help="'9', '3,7,9' or 'all': one SAE per blocks.L.hook_resid_pre (default: 9; with --activations, the "
+                    "layer named in the file's .json, if it has one)")
 p.add_argument("--d_sae", type=int, default=24576, help="features per SAE")
 p.add_argument("--tokens", type=int, default=300_000_000, help="training tokens (activations) per SAE")
 p.add_argument("--batch", type=int, default=4096, help="activations per optimizer step")
@@ -118,6 +120,16 @@ p.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank wai
 def parse_args(argv=None):
     """The flags, with the defaults that depend on others filled in (run.json records them)."""
     args = p.parse_args(argv)
+    # What the activations are: GPT-2's, unless an activation file without a .json says otherwise.
+    args.model_name, about = "gpt2", read_about(args.activations) if args.activations else None
+    if about:
+        if args.layer is not None and args.layer != str(about["layer"]):
+            raise ValueError(f"--layer {args.layer}: {about_path(args.activations)} says the activations are "
+                             f"{about['model']} {about['hook_name']}; expected --layer {about['layer']} or none")
+        args.layer, args.model_name = str(about["layer"]), about["model"]
+    elif args.activations:
+        args.model_name = "unknown"  # not gpt2: nothing says it is
+    args.layer = args.layer or "9"
     if args.lr is None:
         args.lr = 4e-4 if args.arch == "relu" else 2e-3
     if args.dead_tokens is None:  # short runs revive too: a 488-step run would never see 5,000 steps
@@ -347,6 +359,8 @@ def all_mean(t):
 
 def any_rank(flag, device):
     """True on every rank if `flag` is true on any: the ranks must decide to stop together."""
+    if WORLD == 1:
+        return bool(flag)  # and no device sync
     return all_sum(torch.tensor([float(bool(flag))], device=device)).item() > 0
 
 
@@ -383,13 +397,15 @@ class ResidualSource:
         self.forward, self.d = model.residuals, model.cfg.n_embd
 
     @torch.no_grad()
-    def next(self, n):
+    def next(self, n, progress=None):
+        """[n, kept layers, d]. progress(rows done) is called about once a second while the
+        forwards run, which takes minutes on CPU."""
         per_context = self.stream.ctx - self.exclude_bos
         n_ctx = math.ceil(n / per_context / self.batch) * self.batch  # whole GPT-2 batches
         if n_ctx % WORLD:
             raise ValueError(f"{n_ctx} contexts per refill do not split over {WORLD} ranks: change --gpt2_batch")
         mine = self.stream.next(n_ctx).chunk(WORLD)[RANK].to(self.device)  # [n_ctx / WORLD, ctx]
-        chunks = []
+        chunks, shown = [], time.time()
         for idx in mine.split(self.batch):
             with self.autocast():
                 resid = self.forward(idx, self.layers)                       # {L: [batch, ctx, d]}
@@ -397,6 +413,9 @@ class ResidualSource:
             if self.exclude_bos:
                 x = x[:, 1:]
             chunks.append(x.reshape(-1, *x.shape[2:]))                      # [batch * ctx, layers, d]
+            if progress and time.time() - shown > 1:
+                progress(min(n, sum(map(len, chunks)) * WORLD))  # about: rank 0 counts for all
+                shown = time.time()
         x = gather_rows(torch.cat(chunks))[:n, self.keep]                    # [n, kept layers, d]
         return x - x.mean(-1, keepdim=True) if self.center else x
 
@@ -407,34 +426,66 @@ class ResidualSource:
         self.stream.load_state_dict(state)
 
 
+def about_path(path):
+    """The .json beside an activation file that says what it holds (written by --save_activations)."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def read_about(path):
+    """The activation file's .json as a dict, or None when it has none."""
+    if not os.path.isfile(about_path(path)):
+        return None
+    try:
+        with open(about_path(path)) as f:
+            about = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{about_path(path)}: not valid JSON ({e})") from None
+    missing = [k for k in ("model", "hook_name", "layer", "d") if k not in about]
+    if missing:
+        raise ValueError(f"{about_path(path)}: no {missing[0]!r}; expected the .json --save_activations writes")
+    return about
+
+
 class FileSource:
     """Rows of a cached activation file [N, d] (.npy or .safetensors), memory-mapped, read in
-    order and from the start again at the end, as [n, 1, d]."""
+    order and from the start again at the end, as [n, 1, d]. Each row is checked as it is read:
+    a NaN or Inf in the input would otherwise surface as a diverged run."""
 
     def __init__(self, path, center, device):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"activations file not found: {path}")
+        if not path.endswith((".npy", ".safetensors")):
+            raise ValueError(f"{path}: expected a .npy or .safetensors file of activations")
+        try:  # a truncated file fails here, on its header
+            f = np.load(path, mmap_mode="r") if path.endswith(".npy") else safe_open(path, framework="pt")
+        except (ValueError, SafetensorError) as e:
+            raise ValueError(f"{path}: not a complete {os.path.splitext(path)[1]} file ({e})") from None
         if path.endswith(".npy"):
-            self.rows = np.load(path, mmap_mode="r")
+            self.rows = f
             shape, self.read = self.rows.shape, lambda a, b: torch.from_numpy(np.array(self.rows[a:b]))
-        elif path.endswith(".safetensors"):
-            f = safe_open(path, framework="pt")
+        else:
             if len(f.keys()) != 1:
                 raise ValueError(f"{path}: {len(f.keys())} tensors, expected one [N, d] tensor")
             self.rows = f.get_slice(next(iter(f.keys())))
             shape, self.read = self.rows.get_shape(), lambda a, b: self.rows[a:b]
-        else:
-            raise ValueError(f"{path}: expected a .npy or .safetensors file of activations")
         if len(shape) != 2 or shape[0] == 0:
             raise ValueError(f"{path}: shape {list(shape)}, expected [N, d] with N > 0")
         self.n, self.d = shape
-        self.center, self.device, self.pos = center, device, 0
+        about = read_about(path)
+        if about and about["d"] != self.d:
+            raise ValueError(f"{path}: rows of width {self.d}, but {about_path(path)} says d {about['d']}")
+        self.path, self.center, self.device, self.pos = path, center, device, 0
 
-    def next(self, n):
+    def next(self, n, progress=None):  # reading is fast: no progress to show
         parts = []
         while n:
             take = min(n, self.n - self.pos)
-            parts.append(self.read(self.pos, self.pos + take))
+            part = self.read(self.pos, self.pos + take)                     # [take, d]
+            bad = (~torch.isfinite(part).all(1)).nonzero()
+            if len(bad):
+                raise ValueError(f"{self.path}: row {self.pos + bad[0].item():,} is not finite (NaN or Inf); "
+                                 f"expected finite activations")
+            parts.append(part)
             self.pos, n = (self.pos + take) % self.n, n - take
         x = torch.cat(parts).to(self.device, torch.float32)[:, None]       # [n, 1, d]
         return x - x.mean(-1, keepdim=True) if self.center else x
@@ -479,6 +530,7 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
     save_file(weights, os.path.join(tmp, "sae_weights.safetensors"))
     save_file({"sparsity": torch.log10(density.float().cpu() + 1e-10)}, os.path.join(tmp, "sparsity.safetensors"))
     d_in, d_sae = sae.W_enc.shape
+    settings = recorded(args)
     # SAELens 6 names the architecture; its older versions read activation_fn_str and its kwargs.
     arch = {"relu": ("standard", "relu", {}), "topk": ("topk", "topk", {"k": sae.k}),
             "jumprelu": ("jumprelu", "relu", {})}[sae.arch]
@@ -487,27 +539,30 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
         "activation_fn_str": arch[1], "activation_fn_kwargs": arch[2],
         **({"k": sae.k, "rescale_acts_by_decoder_norm": False} if sae.arch == "topk" else {}),
         "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
-        "context_size": args.ctx, "model_name": "gpt2", "hook_name": hook_name(layer), "hook_layer": layer,
+        "context_size": args.ctx, "model_name": args.model_name, "hook_name": hook_name(layer), "hook_layer": layer,
         "hook_head_index": None, "prepend_bos": True,
-        "dataset_path": args.activations or ("kjj0/fineweb10B-gpt2" if args.data == "fineweb" else args.data),
+        "dataset_path": settings["activations"] or ("kjj0/fineweb10B-gpt2" if args.data == "fineweb" else settings["data"]),
         "dataset_trust_remote_code": False, "normalize_activations": "none",
         "dtype": "float32", "device": "cpu", "sae_lens_training_version": None, "neuronpedia_id": None,
         "model_from_pretrained_kwargs": {"center_writing_weights": args.center},
         "seqpos_slice": [1, None] if args.exclude_bos else [None],
-        "training_args": vars(args),  # ours, beyond SAELens's fields; it ignores unknown keys
+        "training_args": settings,  # ours, beyond SAELens's fields; it ignores unknown keys
     }
     with open(os.path.join(tmp, "cfg.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     replace_folder(tmp, folder)
 
 
-def save_checkpoint(run, trainees, kept, gen, source, step, args):
+def save_checkpoint(run, trainees, kept, served, gen, source, step, args):
     """Each writing rank's file: its SAEs' weights, Adam moments and feature counters, its part
-    of the kept half-buffer, the shuffle generator; the step and the data position as metadata.
-    Then rank 0 commits them by naming their step in checkpoint.json, and only then deletes
-    older files: a kill at any moment leaves one complete checkpoint."""
+    of the kept half-buffer and of the served half's rows not yet trained on (none, except when a
+    signal stops the run between refills), the shuffle generator; the step and the data position
+    as metadata. Then rank 0 commits them by naming their step in checkpoint.json, and only then
+    deletes older files: a kill at any moment leaves one complete checkpoint."""
+    check_finite(trainees, step, args.device, run)
+    tick = time.time()
     if args.parallel == "layers" or RANK == 0:  # in data-parallel training the copies are identical
-        tensors = {"buffer": kept.cpu(), "generator": gen.get_state()}
+        tensors = {"buffer": kept.cpu(), "served": served.cpu(), "generator": gen.get_state()}
         for t in trainees:
             for name, value in t.sae.state_dict().items():  # the weights, and the threshold of batchtopk
                 tensors[f"{t.layer}.{name}"] = value.cpu()
@@ -526,9 +581,13 @@ def save_checkpoint(run, trainees, kept, gen, source, step, args):
         with open(os.path.join(run, "checkpoint.json.tmp"), "w") as f:
             json.dump({"step": step, "ranks": WORLD, "parallel": args.parallel}, f)
         os.replace(os.path.join(run, "checkpoint.json.tmp"), os.path.join(run, "checkpoint.json"))
+        size = 0
         for name in os.listdir(run):
             if name.startswith("ckpt-") and not name.startswith(f"ckpt-{step:09d}-"):
                 os.remove(os.path.join(run, name))
+            elif name.startswith("ckpt-"):
+                size += os.path.getsize(os.path.join(run, name))
+        print(f"checkpoint: step {step:,}, {size / 1e6:,.1f} MB in {run} ({time.time() - tick:.1f} s)", file=sys.stderr)
 
 
 def load_checkpoint(run, trainees, gen, source, args):
@@ -540,7 +599,7 @@ def load_checkpoint(run, trainees, gen, source, args):
     path = os.path.join(run, f"ckpt-{saved['step']:09d}-rank{RANK if args.parallel == 'layers' else 0}.safetensors")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
-    tensors = load_file(path)
+    tensors = gpt2.load_safetensors(path)
     for t in trainees:
         with torch.no_grad():
             for name, value in t.sae.state_dict().items():
@@ -554,7 +613,8 @@ def load_checkpoint(run, trainees, gen, source, args):
             setattr(t, k, tensors[f"{t.layer}.{k}"].to(args.device))
     gen.set_state(tensors["generator"])
     source.load_state_dict(json.loads(meta["source"]))
-    return tensors["buffer"].to(args.device), int(meta["step"])
+    served = tensors["served"].to(args.device) if "served" in tensors else None  # none before this version
+    return tensors["buffer"].to(args.device), served, int(meta["step"])
 
 # -----------------------------------------------------------------------------
 # Training
@@ -677,6 +737,8 @@ def train_step(t, x, step, args, autocast, log, shared=False):
 def check_run_folder(args):
     """Refuse to overwrite a finished or unfinished run without --force."""
     run = args.out
+    if os.path.exists(run) and not os.path.isdir(run):
+        raise ValueError(f"--out {run}: a file, expected a run folder (new, or one this script wrote)")
     if os.path.exists(os.path.join(run, "run.json")) and not args.force:
         if os.path.exists(os.path.join(run, "checkpoint.json")):
             raise ValueError(f"{run} holds an unfinished run: continue it with --resume {run}, or pass --force")
@@ -686,18 +748,42 @@ def check_run_folder(args):
 
 
 def start_run_folder(args):
-    """Clear what an overwritten run left, and record this run's settings in run.json."""
+    """Clear what an overwritten run left (--force), its SAEs included, so that the folder holds
+    one run, and record this run's settings in run.json."""
     run = args.out
     os.makedirs(run, exist_ok=True)
-    for stale in os.listdir(run):
+    removed = []
+    for stale in sorted(os.listdir(run)):
+        path = os.path.join(run, stale)
         if stale in ("checkpoint.json", "log.jsonl") or stale.startswith("ckpt-"):
-            os.remove(os.path.join(run, stale))
+            os.remove(path)
+        elif stale.startswith("blocks.") and os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(stale)
+    if removed:
+        print(f"--force: deleted the earlier run's {', '.join(removed)} from {run}", file=sys.stderr)
     with open(os.path.join(run, "run.json.tmp"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump(recorded(args), f, indent=2)
     os.replace(os.path.join(run, "run.json.tmp"), os.path.join(run, "run.json"))
 
 
-def settings_for_resume(args):
+def recorded(args):
+    """The settings as run.json and cfg.json record them: input paths made absolute, so that
+    --resume works from any directory."""
+    settings = dict(vars(args))
+    if args.data != "fineweb":
+        settings["data"] = ",".join(os.path.abspath(path) for path in args.data.split(","))
+    for flag in ("weights", "activations", "cache_dir"):
+        if settings[flag]:
+            settings[flag] = os.path.abspath(settings[flag])
+    return settings
+
+
+# What may be given again with --resume: where the run runs, and where its inputs now are.
+RESUME_MAY_CHANGE = ("data", "weights", "activations", "cache_dir", "device", "kernels", "dist_timeout")
+
+
+def settings_for_resume(args, argv=None):
     path = os.path.join(args.resume, "run.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no run to resume in {args.resume} (expected {path})")
@@ -705,12 +791,25 @@ def settings_for_resume(args):
         raise ValueError(f"{args.resume} has no checkpoint to resume from (finished, or stopped before the first)")
     with open(path) as f:
         saved = argparse.Namespace(**json.load(f))
+    if not hasattr(saved, "model_name"):  # runs started before it was recorded were labelled gpt2
+        saved.model_name = "gpt2"
     missing = sorted(set(vars(args)) - set(vars(saved)))
     if missing:
         raise ValueError(f"{path} has no setting for --{', --'.join(missing)}: the run was started by an older "
                          f"train_sae.py; resume it with that version")
-    # The run continues as it began; only where it runs may change, and the folder may have moved.
-    saved.resume, saved.out, saved.device = args.resume, args.resume, args.device
+    given, defaults = vars(p.parse_args(argv)), vars(p.parse_args([]))
+    for flag in given:
+        if flag != "resume" and given[flag] != defaults[flag] and flag not in RESUME_MAY_CHANGE:
+            raise ValueError(f"--{flag} with --resume: a run continues with the settings in {path}; expected "
+                             f"only --{', --'.join(RESUME_MAY_CHANGE)} (for inputs that moved, or another machine)")
+    # The run continues as it began; only where it runs may change, and the folder and inputs may have moved.
+    saved.resume, saved.out, saved.device, saved.kernels = args.resume, args.resume, args.device, args.kernels
+    for flag in ("data", "weights", "activations", "cache_dir"):
+        if given[flag] != defaults[flag]:
+            if flag == "data" and len(given[flag].split(",")) != len(saved.data.split(",")):
+                raise ValueError(f"--data {given[flag]}: {len(given[flag].split(','))} file(s), but the run read "
+                                 f"{len(saved.data.split(','))}: {saved.data}")
+            setattr(saved, flag, given[flag])
     return saved
 
 
@@ -741,9 +840,13 @@ def make_autocast(args):
 
 def make_source(args, layers, keep, autocast):
     if args.activations:  # every rank reads the rows itself
-        return FileSource(args.activations, args.center, args.device)
-    shards = gpt2.corpus(args.data, "train", args.ctx, args.cache_dir)
-    gpt2.Contexts(shards, args.ctx, seed=args.seed).next(1)  # bad data fails now, not after loading the model
+        source = FileSource(args.activations, args.center, args.device)
+        if args.model_name == "unknown" and RANK == 0:
+            print(f"note: {args.activations} has no {os.path.basename(about_path(args.activations))} beside it (as "
+                  f"--save_activations writes): the SAE is labelled model 'unknown', hook "
+                  f"{hook_name(args.layer)} (from --layer)", file=sys.stderr)
+        return source
+    shards = gpt2.corpus(args.data, "train", args.ctx, args.cache_dir)  # checks every file: before the model
     stream = gpt2.Contexts(shards, args.ctx, seed=args.seed)
     model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
     source = ResidualSource(model, stream, layers, keep, args.gpt2_batch, args.center, args.exclude_bos,
@@ -775,8 +878,9 @@ def check_args(args):
         raise ValueError(f"--buffer {args.buffer}: expected at least two batches ({2 * args.batch})")
     if not 2 <= args.ctx <= 1024:
         raise ValueError(f"--ctx {args.ctx}: expected 2..1024 (BOS and at least one token; GPT-2's longest context)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    gpt2.check_device(args.device)
+    if args.weights:
+        gpt2.check_weights_path(args.weights)
     layers = gpt2.parse_layers(args.layer)
     if (args.activations or args.save_activations) and len(layers) != 1:
         raise ValueError(f"--layer {args.layer}: expected one layer with --activations or --save_activations")
@@ -792,11 +896,16 @@ def train(args):
         check_run_folder(args)
     autocast = make_autocast(args)
     source = make_source(args, layers, owned, autocast)
-    if not args.resume and RANK == 0:
-        start_run_folder(args)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     trainees = []
-    kept = None if args.resume else source.next(half)  # [half, owned layers, d]: the first half-buffer
+    kept = None  # [half, owned layers, d]: the first half-buffer
+    if not args.resume:
+        t0 = time.time()
+        show = lambda rows: gpt2.progress("filling the first half of the buffer", rows, half, t0, unit="tokens")
+        kept = source.next(half, show if RANK == 0 else None)
+        if RANK == 0:
+            show(half)
+            print(file=sys.stderr)
     for j, layer in enumerate(owned):
         # Seeded by layer, so that an SAE does not depend on which other layers train beside it.
         sae = SAE(source.d, args.d_sae, args.seed * 1000 + layer, args.arch, args.k).to(args.device)
@@ -804,12 +913,18 @@ def train(args):
         if kept is not None:
             if args.normalize:  # mean norm sqrt(d): a norm of 10 or of 1000 trains alike
                 scale = math.sqrt(source.d) / kept[:, j].norm(dim=1).mean().item()
+            tick = time.time()
             init_from_data(sae, kept[:, j] * scale)
+            if RANK == 0:
+                print(f"layer {layer}: b_dec starts at the geometric median of {len(kept):,} activations "
+                      f"({time.time() - tick:.1f} s)", file=sys.stderr)
         opt = adam(sae, args.lr)
         trainees.append(Trainee(layer, sae, opt, args.device, scale))
-    step = 0
+    if not args.resume and RANK == 0:  # only now: a run stopped while starting leaves no folder behind
+        start_run_folder(args)
+    step, served = 0, None
     if args.resume:
-        kept, step = load_checkpoint(args.out, trainees, gen, source, args)
+        kept, served, step = load_checkpoint(args.out, trainees, gen, source, args)
         if RANK == 0:
             keep_log_until(os.path.join(args.out, "log.jsonl"), step)
             print(f"resumed {args.out} at step {step:,}", file=sys.stderr)
@@ -817,63 +932,73 @@ def train(args):
     stop = []  # the signal that asked us to stop, if any
 
     def on_signal(signum, frame):
-        if stop:  # asked twice: quit now, without a checkpoint
-            raise KeyboardInterrupt
+        if stop:  # asked twice: quit now. The last checkpoint on disk is whole (see save_checkpoint).
+            if RANK == 0:
+                print(f"\nsignal {signum} again: quitting without a checkpoint; {last_checkpoint_note(args.out)}",
+                      file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
         stop.append(signum)
         if RANK == 0:
-            print("\nstopping at the end of this half-buffer, after a checkpoint (signal again to quit now)",
-                  file=sys.stderr)
+            print("\nstopping after this step, with a checkpoint (signal again to quit at once, without one)",
+                  file=sys.stderr, flush=True)
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run_steps(args, trainees, source, kept, gen, step, stop, autocast, shared)
+        run_steps(args, trainees, source, kept, served, gen, step, stop, autocast, shared)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return trainees
 
 
-def run_steps(args, trainees, source, kept, gen, step, stop, autocast, shared):
+def run_steps(args, trainees, source, kept, served, gen, step, stop, autocast, shared):
     """The loop: refill the buffer, serve its batches to every SAE, log, checkpoint; at the end
-    write each SAE's folder."""
+    write each SAE's folder. `served` holds the rows of the current half not yet trained on."""
     half = args.buffer // 2
     total, per_half = args.tokens // args.batch, half // args.batch
     steps_per_checkpoint = max(1, args.checkpoint_every // args.batch)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if RANK == 0 else None
     last_checkpoint, t0, step0 = step, time.time(), step
+    clock = {"refill": None, "steps": 0, "step_s": 0.0}  # for the early estimate of the run's length
     while step < total:
-        # Checkpoints and stops happen here, between refills, where the state is small: the
-        # kept half of the buffer, and no half-served batch to remember. All ranks agree.
-        stopping = any_rank(stop, args.device)
-        if stopping or step - last_checkpoint >= steps_per_checkpoint:
-            check_finite(trainees, step, args.device)
-            save_checkpoint(args.out, trainees, kept, gen, source, step, args)
-            last_checkpoint = step
-            if stopping:
-                signum = stop[0] if stop else signal.SIGTERM
-                if RANK == 0:
-                    print(f"stopped by signal {signum} at step {step:,}; checkpoint saved. "
-                          f"Continue with: python train_sae.py --resume {args.out}", file=sys.stderr)
-                sys.exit(128 + signum)
-        # The seed's mixing buffer: the kept half and a fresh half, shuffled together; one half
-        # is served as batches, the other kept for the next round.
-        mixed = torch.cat([kept, source.next(half)])                               # [2 half, layers, d]
-        mixed = mixed[torch.randperm(len(mixed), generator=gen, device=args.device)]
-        kept, served = mixed[:half], mixed[half:]
-        if args.resample:
-            for j, t in enumerate(trainees):
-                resample_dead(t, served[:16384, j] * t.scale, args, step)
-        for i in range(min(per_half, total - step)):
-            x = served[i * args.batch:(i + 1) * args.batch]                         # [batch, layers, d]
-            if shared:
-                x = x.chunk(WORLD)[RANK]                                            # this rank's slice
-            logging = (step + 1) % args.log_every == 0 or step + 1 == total
-            records = [train_step(t, x[:, j], step, args, autocast, logging, shared) for j, t in enumerate(trainees)]
-            step += 1
-            if logging:
-                report(gather_records(trainees, records, args), step, total, args, time.time() - t0, step - step0, log)
+        if served is None or len(served) < args.batch:
+            # Routine checkpoints happen here, between refills, where the state is smallest:
+            # the kept half of the buffer and nothing served.
+            if step - last_checkpoint >= steps_per_checkpoint:
+                save_checkpoint(args.out, trainees, kept, kept[:0], gen, source, step, args)
+                last_checkpoint = step
+            # The seed's mixing buffer: the kept half and a fresh half, shuffled together; one
+            # half is served as batches, the other kept for the next round.
+            tick = time.time()
+            mixed = torch.cat([kept, source.next(half)])                           # [2 half, layers, d]
+            mixed = mixed[torch.randperm(len(mixed), generator=gen, device=args.device)]
+            kept, served = mixed[:half], mixed[half:][:per_half * args.batch]
+            clock["refill"] = clock["refill"] or time.time() - tick
+            if args.resample:
+                for j, t in enumerate(trainees):
+                    resample_dead(t, served[:16384, j] * t.scale, args, step)
+        x, served = served[:args.batch], served[args.batch:]                         # [batch, layers, d]
+        if shared:
+            x = x.chunk(WORLD)[RANK]                                                # this rank's slice
+        logging = (step + 1) % args.log_every == 0 or step + 1 == total
+        tick = time.time()
+        records = [train_step(t, x[:, j], step, args, autocast, logging, shared) for j, t in enumerate(trainees)]
+        step += 1
+        if RANK == 0 and clock["refill"] is not None and clock["steps"] < 3:  # three steps tell the run's length
+            clock["steps"], clock["step_s"] = clock["steps"] + 1, clock["step_s"] + timed(tick, args.device)
+            if clock["steps"] == 3 and step < total:
+                print(expected_time(total - step, clock["step_s"] / 3, clock["refill"] / per_half), file=sys.stderr)
+        if logging:
+            report(gather_records(trainees, records, args), step, total, args, time.time() - t0, step - step0, log)
+        if any_rank(stop, args.device) and step < total:  # a signal: stop here, keeping what is left unserved
+            save_checkpoint(args.out, trainees, kept, served, gen, source, step, args)
+            signum = stop[0] if stop else signal.SIGTERM
+            if RANK == 0:
+                print(f"stopped by signal {signum} at step {step:,}; checkpoint saved. "
+                      f"Continue with: python train_sae.py --resume {args.out}", file=sys.stderr)
+            sys.exit(128 + signum)
     if log:
         log.close()
-    check_finite(trainees, step, args.device)
+    check_finite(trainees, step, args.device, args.out)
     if args.parallel == "layers" or RANK == 0:
         for t in trainees:
             density = t.density if step >= args.density_window else t.fires / (step * args.batch)
@@ -887,12 +1012,45 @@ def run_steps(args, trainees, source, kept, gen, step, stop, autocast, shared):
         print(f"done: {', '.join(os.path.join(args.out, hook_name(L)) for L in gpt2.parse_layers(args.layer))}")
 
 
-def check_finite(trainees, step, device):
-    """Stop, keeping the last good checkpoint, before a NaN or Inf could be saved."""
+def timed(tick, device):
+    """Seconds since `tick`, once the device has finished the work queued since."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.time() - tick
+
+
+def duration(seconds):
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else
+            f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.1f} days")
+
+
+def expected_time(steps_left, step_s, refill_s_per_step):
+    """One line: how long the rest of the run will take, and what to change if that is over a day."""
+    seconds = steps_left * (step_s + refill_s_per_step)
+    line = (f"expected time for the remaining {steps_left:,} steps: {duration(seconds)} "
+            f"({step_s:.3g} s a step, and {refill_s_per_step:.3g} s a step filling the buffer)")
+    if seconds > 86400:
+        line += ("\nthat is more than a day: for a first run, try fewer --tokens (e.g. 10_000_000) or a smaller "
+                 "--d_sae (e.g. 4096), or a GPU (--device cuda)")
+    return line
+
+
+def last_checkpoint_note(run):
+    """What a stopped run leaves to resume from, said only if it exists."""
+    path = os.path.join(run, "checkpoint.json")
+    if not os.path.isfile(path):
+        return "no checkpoint was written yet: start again"
+    with open(path) as f:
+        step = json.load(f)["step"]
+    return f"the checkpoint of step {step:,} is kept: continue with --resume {run}"
+
+
+def check_finite(trainees, step, device, run):
+    """Stop before a NaN or Inf could be saved, keeping the last good checkpoint if there is one."""
     bad = [t.layer for t in trainees if not all(torch.isfinite(p).all() for p in t.sae.parameters())]
     if any_rank(bad, device):
-        raise FloatingPointError(f"weights are not finite at step {step:,} (layer {bad or 'of another rank'}); stopped. "
-                                 f"The last good checkpoint is kept: lower --lr or raise --lr_warmup, then --resume")
+        raise FloatingPointError(f"weights are not finite at step {step:,} (layer {bad or 'of another rank'}); "
+                                 f"stopped. Lower --lr or raise --lr_warmup; {last_checkpoint_note(run)}")
 
 
 def gather_records(trainees, records, args):
@@ -922,15 +1080,15 @@ def report(records, step, total, args, elapsed, steps_done, log):
     eta = (total - step) * args.batch / tokens_per_s
     for layer, r in records:
         if not all(math.isfinite(v) for v in r.values()):
-            raise FloatingPointError(f"layer {layer}: loss is {r['loss']} at step {step:,}; stopped. The last "
-                                     f"good checkpoint is kept: lower --lr or raise --lr_warmup, then --resume")
+            raise FloatingPointError(f"layer {layer}: loss is {r['loss']} at step {step:,}; stopped. Lower --lr "
+                                     f"or raise --lr_warmup; {last_checkpoint_note(args.out)}")
     if RANK != 0:
         return
     for layer, r in records:
         r = {"step": step, "tokens": step * args.batch, "layer": layer, "tokens_per_s": round(tokens_per_s), **r}
         log.write(json.dumps(r) + "\n")
         print(f"step {step:>7,}/{total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
-              f" | eta {eta / 60:5.1f} min | layer {layer:<2} | "
+              f" | eta {duration(eta):>9} | layer {layer:<2} | "
               + " ".join(f"{k} {r[k]:.4g}" for k in ("mse", "l1", "ghost", "auxk") if k in r) +
               f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")
     log.flush()
@@ -938,35 +1096,52 @@ def report(records, step, total, args, elapsed, steps_done, log):
 
 def save_activations(args):
     """Write --tokens raw residuals ([N, d] float32 .npy, uncentred) of one layer, to train on
-    later with --activations (centring, if on, is applied when training)."""
+    later with --activations (centring, if on, is applied when training), and beside it a .json
+    saying what they are, which training reads to label the SAE."""
     layers = check_args(args)
     path = args.save_activations
     if not path.endswith(".npy"):
         raise ValueError(f"--save_activations {path}: expected a .npy path")
-    if os.path.exists(path) and not args.force:
-        raise ValueError(f"{path} exists: pass --force to overwrite it")
+    for target in (path, about_path(path)):
+        if os.path.exists(target) and not args.force:
+            raise ValueError(f"{target} exists: pass --force to overwrite it")
     if WORLD > 1:
         raise ValueError("--save_activations: run it in one process, not under torchrun")
     args.center = False
     source = make_source(args, layers, layers, make_autocast(args))
-    d, chunk = source.d, args.buffer // 2  # the chunks training reads, so the rows match
-    out = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(args.tokens, d))
-    t0 = time.time()
-    for a in range(0, args.tokens, chunk):
-        b = min(a + chunk, args.tokens)
-        out[a:b] = source.next(chunk)[:b - a, 0].cpu().numpy()
-        gpt2.progress(f"residuals of {hook_name(layers[0])}", b * d * 4, args.tokens * d * 4, t0)
-    print(file=sys.stderr)
-    out.flush()
-    del out
-    os.replace(path + ".tmp.npy", path)
-    print(f"wrote {args.tokens:,} x {d} activations of {hook_name(layers[0])} to {path}")
+    d, chunk, label = source.d, args.buffer // 2, f"residuals of {hook_name(layers[0])}"  # training's chunks
+    tmp = path + ".tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(args.tokens, d))  # [N, d] on disk
+    try:
+        t0 = time.time()
+        for a in range(0, args.tokens, chunk):
+            b = min(a + chunk, args.tokens)
+            show = lambda rows: gpt2.progress(label, min(a + rows, args.tokens), args.tokens, t0, unit="tokens")
+            out[a:b] = source.next(chunk, show)[:b - a, 0].cpu().numpy()
+            show(b - a)
+        print(file=sys.stderr)
+        out.flush()
+    except BaseException:  # a partial file cannot be resumed: do not leave gigabytes of it behind
+        os.remove(tmp)
+        raise
+    finally:
+        del out  # closes the memory map
+    settings = recorded(args)
+    about = {"model": args.model_name, "hook_name": hook_name(layers[0]), "layer": layers[0], "d": d,
+             "rows": args.tokens, "centered": False, "weights": settings["weights"] or gpt2.GPT2_URL,
+             "data": settings["data"], "ctx": args.ctx, "exclude_bos": args.exclude_bos, "seed": args.seed}
+    with open(about_path(path) + ".tmp", "w") as f:
+        json.dump(about, f, indent=2)
+    os.replace(tmp, path)
+    os.replace(about_path(path) + ".tmp", about_path(path))
+    print(f"wrote {args.tokens:,} x {d} activations of {hook_name(layers[0])} to {path} in {duration(time.time() - t0)}, "
+          f"described in {about_path(path)}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.resume:
-        args = settings_for_resume(args)
+        args = settings_for_resume(args, argv)
     start_distributed(args)
     if args.save_activations:
         return save_activations(args)
@@ -981,12 +1156,15 @@ def lost_a_rank(e):
 
 
 if __name__ == "__main__":
+    gpt2.stop_on_sigterm()  # while starting, SIGTERM ends it as Ctrl-C does; training installs its own handlers
     try:
         main()
         if WORLD > 1:
             dist.destroy_process_group()
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}" if WORLD == 1 else f"error: rank {RANK}: {e}")
+    except KeyboardInterrupt as e:  # while starting (once training runs, a signal stops it with a checkpoint)
+        gpt2.exit_interrupted(e, "nothing was written")
     except RuntimeError as e:
         if not lost_a_rank(e):
             raise
