@@ -1232,6 +1232,17 @@ def test_what_a_run_prints_while_it_starts(tiny, tmp_path):
         assert line in err, (line, err)
 
 
+def test_ci_fails_loudly_without_the_offline_vocabulary(tmp_path):
+    """.ci/run, copied where no ../shared/tiktoken_cache exists, stops at once with one line
+    (before making a virtual environment), instead of running the tests with an empty path."""
+    os.makedirs(tmp_path / "clone" / ".ci")
+    shutil.copy(os.path.join(HERE, ".ci", "run"), tmp_path / "clone" / ".ci" / "run")
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
+    r = subprocess.run(["bash", str(tmp_path / "clone" / ".ci" / "run")], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ../shared/tiktoken_cache is missing"), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and os.listdir(tmp_path / "clone") == [".ci"]
+
+
 def test_expected_time_warns_past_a_day():
     line = train_sae.expected_time(100_000, 2.0, 0.5)  # 250,000 s
     assert line.startswith("expected time for the remaining 100,000 steps: 2.9 days (2 s a step, and 0.5 s a step "
