@@ -12,9 +12,10 @@ Sections:
   `transformers`, a test-only package).
 - step: one SAE training step (forward, backward, Adam, decoder constraint) at d 768, m 24,576.
   On CPU, fp32, batch 1,024, against SAELens's StandardTrainingSAE step on identical
-  activations (SAELens lives in a separate environment, never beside this project). On CUDA,
-  batch 4,096: the fused encoder against eager torch and a bare torch.mm; the whole step with
-  the Triton kernels and with torch, bf16 / tf32 / fp32, against the five-GEMM floor.
+  activations (SAELens lives in a separate environment, never beside this project). On CUDA
+  (instead), batch 4,096: the fused encoder against eager torch and a bare torch.mm; the whole
+  relu step with the Triton kernels and with torch, bf16 / tf32 / fp32, against the five-GEMM
+  floor; the topk and batchtopk steps (k 32) with the sparse kernels and with torch.
 - train: end-to-end `train_sae.py` tokens/s for --layer 9 and --layer all (CUDA).
 - precision: the metrics of short bf16 runs beside fp32 ones, two seeds each, on a known sparse
   dictionary (full width on CUDA; small on CPU, where autocast runs the same code).
@@ -257,23 +258,24 @@ def cuda_encoder():
     b = 0.1 * torch.randn(M, device="cuda")
     l1w = torch.ones(M, device="cuda")
     dead = torch.arange(0, M, 50, device="cuda")  # 2% dead
-    slot = torch.full((M,), -1, dtype=torch.int32, device="cuda")
-    slot[dead] = torch.arange(len(dead), dtype=torch.int32, device="cuda")
 
     def eager():
         pre = torch.addmm(b.to(bf16), x_in, W)
         f = torch.relu(pre)
         return f, f.float() @ l1w, torch.count_nonzero(f, dim=0), pre[:, dead].float()
 
+    def fused():  # the kernel, and the dead features' columns beside it, as FusedSAE does them
+        return kernels.encode(x_in, W, b, l1w), torch.addmm(b[dead].to(bf16), x_in, W[:, dead]).float()
+
     f_ref, l1_ref, fires_ref, pd_ref = eager()
-    f, l1, fires, pd = kernels.encode(x_in, W, b, l1w, slot, len(dead))
+    (f, l1, fires), pd = fused()
     assert torch.equal(fires, fires_ref.int()) or (fires - fires_ref).abs().max() <= 2  # bf16 ties at 0
     assert (f.float() - f_ref.float()).norm() < 1e-2 * f_ref.float().norm()
     assert (l1 - l1_ref).norm() < 1e-2 * l1_ref.norm() and (pd - pd_ref).norm() < 1e-2 * pd_ref.norm()
     peak, flop = bf16_peak(), 2 * batch * D * M
     rows = []
     for name, fn in [("bare torch.mm (no epilogue)", lambda: x_in @ W), ("eager torch", eager),
-                     ("fused Triton", lambda: kernels.encode(x_in, W, b, l1w, slot, len(dead)))]:
+                     ("fused Triton", fused)]:
         s = median_seconds(fn, args.reps, True)
         rows.append([name, f"{s * 1e3:.3f}", f"{flop / s / 1e12:.0f}", f"{100 * flop / s / peak:.0f}%"])
     table(f"Encoder forward, bf16, {batch} x {D} x {M:,}, 2% of features dead, {torch.cuda.get_device_name()} "
@@ -287,11 +289,17 @@ def cuda_step():
     rows = []
     for kernels, precision in (("triton", "bf16"), ("torch", "bf16"), ("triton", "tf32"), ("torch", "fp32")):
         s = ours_step_seconds("cuda", batch, args.reps, "seed", precision, kernels=kernels)
-        rows.append([kernels, precision, f"{s * 1e3:.2f}", f"{floor_flop / s / 1e12:.0f}",
+        rows.append(["relu", kernels, precision, f"{s * 1e3:.2f}", f"{floor_flop / s / 1e12:.0f}",
                      f"{100 * floor_flop / s / peak:.0f}%"])
-    table(f"SAE training step on {torch.cuda.get_device_name()}, batch {batch}, d {D}, m {M:,}: "
+    # TopK: one dense GEMM, (1), and sparse work; its floor is that GEMM alone.
+    for arch, kernels in (("topk", "triton"), ("topk", "torch"), ("batchtopk", "triton")):
+        s = ours_step_seconds("cuda", batch, args.reps, precision="bf16", kernels=kernels, arch=arch)
+        rows.append([f"{arch} k {TOPK}", kernels, "bf16", f"{s * 1e3:.2f}", f"{floor_flop / 5 / s / 1e12:.0f}",
+                     f"{100 * floor_flop / 5 / s / peak:.0f}%"])
+    table(f"SAE training step on {torch.cuda.get_device_name()}, batch {batch}, d {D}, m {M:,}: relu "
           f"{floor_flop / 1e9:.0f} GFLOP, floor {floor_flop / peak * 1e3:.2f} ms at the measured bf16 peak "
-          f"{peak / 1e12:.0f} TFLOP/s", ["kernels", "precision", "ms", "TFLOP/s", "% of peak"], rows)
+          f"{peak / 1e12:.0f} TFLOP/s; TopK's GEMM a fifth of that",
+          ["SAE", "kernels", "precision", "ms", "TFLOP/s", "% of peak"], rows)
 
 
 def cuda_train():
@@ -543,10 +551,11 @@ if "gpt2" in sections:
         cuda_forward()
     cpu_against_transformers()
 if "step" in sections:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # a GPU machine's CPU step is of no interest, and costs its time
         cuda_encoder()
         cuda_step()
-    cpu_step()
+    else:
+        cpu_step()
 if "train" in sections and torch.cuda.is_available():
     cuda_train()
 if "precision" in sections:

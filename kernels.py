@@ -18,18 +18,26 @@ GEMMs' epilogues, in registers, so that the only B x m tensors written are f and
 each, in the matmul precision (bf16 on a GPU). (2), (3) and (5) have nothing to fuse and stay
 cuBLAS GEMMs.
 
-    encode_kernel    (1) + b_enc, f = relu, l1[b] += sum_i f_bi w_i, fires[i] += #{b: f_bi > 0},
-                     pre_dead[b, slot(i)] = pre_bi for the dead features i
-    pre_grad_kernel  (4) + d_l1[b] w_i, times [f > 0], + d pre_dead[b, slot(i)] on dead features
+    encode_kernel    (1) + b_enc, f = relu, l1[b] += sum_i f_bi w_i, fires[i] += #{b: f_bi > 0}
+    pre_grad_kernel  (4) + d_l1[b] w_i, times [f > 0]
+
+The dead features' pre-activations and their ghost gradients, a few percent of the columns,
+are a small GEMM and an index_add beside the kernels: in the epilogues they cost registers
+that every tile pays for (they made the 128 x 128 tiles spill 600-1,100 bytes per thread).
 
 `sae_forward(..., impl="torch" | "triton")` is the entry point for both; the two compute the same
 function. The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set before triton is
 imported), which is how the tests check them; the interpreter is slow, so keep shapes tiny.
 
-A TopK SAE's step is one dense GEMM, (1), and sparse work; its torch path is at the end of the
-file (dense_pre, SparsePre, sparse_decode).
+A TopK SAE's step is one dense GEMM, (1), and sparse work: its torch path (dense_pre, SparsePre,
+sparse_decode) and two Triton kernels for it (bag_sum_kernel, gathered_dot_kernel) follow.
+
+`python kernels.py` compiles every kernel in every tile for Ampere and Hopper, no GPU needed, and
+prints the registers, spills and shared memory each uses; `python kernels.py --check cuda` tests
+them on a GPU.
 """
 
+import math
 import os
 
 import torch
@@ -76,6 +84,20 @@ def sae_forward_torch(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead):
 # columns are features, and the loop runs over d in steps of BK.
 
 @triton.jit
+def tile_of(B, m, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """This program's (rows, cols). Programs are numbered along the columns of a band of GROUP
+    row tiles, not along whole rows of tiles (Triton's matmul tutorial): programs that run at
+    the same time then share the band's row tiles and each other's column tiles in L2."""
+    pid = tl.program_id(0)
+    row_tiles, col_tiles = tl.cdiv(B, BM), tl.cdiv(m, BN)
+    band = pid // (GROUP * col_tiles)
+    band_rows = min(row_tiles - band * GROUP, GROUP)       # the last band may be narrower
+    in_band = pid % (GROUP * col_tiles)
+    row_tile, col_tile = band * GROUP + in_band % band_rows, in_band // band_rows
+    return row_tile * BM + tl.arange(0, BM), col_tile * BN + tl.arange(0, BN)
+
+
+@triton.jit
 def tile_product(a_ptr, stride_a, b_ptr, stride_bk, stride_bn, rows, cols, B, d, m,
                  FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -97,12 +119,11 @@ def tile_product(a_ptr, stride_a, b_ptr, stride_bk, stride_bn, rows, cols, B, d,
 
 
 @triton.jit
-def encode_kernel(x_ptr, w_ptr, b_ptr, l1w_ptr, slot_ptr, f_ptr, l1_ptr, fires_ptr, pre_dead_ptr,
-                  B, d, m, stride_x, stride_w, stride_f, stride_pd,
-                  HAS_DEAD: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)      # tokens
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)      # features
+def encode_kernel(x_ptr, w_ptr, b_ptr, l1w_ptr, f_ptr, l1_ptr, fires_ptr,
+                  B, d, m, stride_x, stride_w, stride_f,
+                  FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    rows, cols = tile_of(B, m, BM, BN, GROUP)            # tokens, features
     row_in, col_in = rows < B, cols < m
     acc = tile_product(x_ptr, stride_x, w_ptr, stride_w, 1, rows, cols, B, d, m,
                        FP32_DOT, PRECISION, UPCAST, BM, BN, BK)                      # (x_in W_enc) tile
@@ -114,83 +135,86 @@ def encode_kernel(x_ptr, w_ptr, b_ptr, l1w_ptr, slot_ptr, f_ptr, l1_ptr, fires_p
     l1w = tl.load(l1w_ptr + cols, mask=col_in, other=0.0)
     tl.atomic_add(l1_ptr + rows, tl.sum(f * l1w[None, :], axis=1), mask=row_in)
     tl.atomic_add(fires_ptr + cols, tl.sum((f > 0).to(tl.int32), axis=0), mask=col_in)
-    if HAS_DEAD:  # dead feature i goes to column slot[i] of pre_dead; the others have slot -1
-        slot = tl.load(slot_ptr + cols, mask=col_in, other=-1)
-        tl.store(pre_dead_ptr + rows[:, None] * stride_pd + slot[None, :], pre,
-                 mask=inside & (slot[None, :] >= 0))
 
 
 @triton.jit
-def pre_grad_kernel(dxh_ptr, wdec_ptr, f_ptr, dl1_ptr, l1w_ptr, slot_ptr, dpd_ptr, dpre_ptr,
-                    B, d, m, stride_dxh, stride_wdec, stride_f, stride_dpd, stride_dpre,
-                    HAS_DEAD: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)      # tokens
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)      # features
+def pre_grad_kernel(dxh_ptr, wdec_ptr, f_ptr, dl1_ptr, l1w_ptr, dpre_ptr,
+                    B, d, m, stride_dxh, stride_wdec, stride_f, stride_dpre,
+                    FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    rows, cols = tile_of(B, m, BM, BN, GROUP)            # tokens, features
     row_in, col_in = rows < B, cols < m
     acc = tile_product(dxh_ptr, stride_dxh, wdec_ptr, 1, stride_wdec, rows, cols, B, d, m,
                        FP32_DOT, PRECISION, UPCAST, BM, BN, BK)                      # (d_x_hat W_dec^T) tile
-    # The epilogue: d f = acc plus the L1 term's gradient, through the ReLU, plus ghost grads.
+    # The epilogue: d f = acc plus the L1 term's gradient, through the ReLU.
     inside = row_in[:, None] & col_in[None, :]
     dl1 = tl.load(dl1_ptr + rows, mask=row_in, other=0.0)
     l1w = tl.load(l1w_ptr + cols, mask=col_in, other=0.0)
     f = tl.load(f_ptr + rows[:, None] * stride_f + cols[None, :], mask=inside, other=0.0)
     d_pre = tl.where(f > 0, acc + dl1[:, None] * l1w[None, :], 0.0)
-    if HAS_DEAD:
-        slot = tl.load(slot_ptr + cols, mask=col_in, other=-1)
-        d_pre += tl.load(dpd_ptr + rows[:, None] * stride_dpd + slot[None, :],
-                         mask=inside & (slot[None, :] >= 0), other=0.0)
     tl.store(dpre_ptr + rows[:, None] * stride_dpre + cols[None, :], d_pre.to(dpre_ptr.dtype.element_ty), mask=inside)
 
 
-def tile_configs():
-    """On a GPU, a few tile shapes to autotune over; under the interpreter, one large tile
+# The tiles the autotuner chooses from, as (BM, BN, BK, warps, stages), by the bytes of a matmul
+# operand. Each fits an A100's 163 KB of shared memory per block (an H100 has 227 KB) and keeps
+# its accumulator and epilogue in registers: at most 64 fp32 accumulator values per thread
+# (BM BN / (32 warps)). 128 x 128 on 4 warps holds 128 and spills, the dead-feature epilogue
+# that the kernels once had more so. test_kernels_compile_for_gpus checks all of it, compiling
+# every tile for sm_80 and sm_90 with the ptxas in Triton's wheel.
+TILES = {
+    2: [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],   # bf16, fp16
+    4: [(128, 128, 32, 8, 3), (64, 128, 32, 8, 4), (128, 64, 32, 8, 4)],   # fp32 (tf32 or ieee)
+}
+GROUP = 8  # row tiles per band of the program order (tile_of)
+
+
+def tile_configs(element_size):
+    """On a GPU, TILES for operands of that many bytes; under the interpreter, one large tile
     (each program's loop iteration costs milliseconds there, whatever its size)."""
     if INTERPRET:
-        return [triton.Config({"BM": 64, "BN": 64, "BK": 32})]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4)]]
+        return [triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP": GROUP})]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": GROUP}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in TILES[element_size]]
 
 
-# The atomics accumulate, so autotuning's trial runs must start from zero.
-encode_tuned = triton.autotune(tile_configs(), key=["B", "d", "m"], reset_to_zero=["l1_ptr", "fires_ptr"])(encode_kernel)
-pre_grad_tuned = triton.autotune(tile_configs(), key=["B", "d", "m"])(pre_grad_kernel)
+# One autotuned launcher per operand size. The atomics accumulate, so autotuning's trial runs
+# must start from zero.
+encode_tuned = {size: triton.autotune(tile_configs(size), key=["B", "d", "m"], reset_to_zero=["l1_ptr", "fires_ptr"])(
+    encode_kernel) for size in TILES}
+pre_grad_tuned = {size: triton.autotune(tile_configs(size), key=["B", "d", "m"])(pre_grad_kernel) for size in TILES}
 
 
 def grid(B, m):
-    return lambda meta: (triton.cdiv(B, meta["BM"]), triton.cdiv(m, meta["BN"]))
+    return lambda meta: (triton.cdiv(B, meta["BM"]) * triton.cdiv(m, meta["BN"]),)
 
 
 def dot_flags(dtype, precision):
     return dict(FP32_DOT=dtype == torch.float32, PRECISION=precision, UPCAST=INTERPRET)
 
 
-def encode(x_in, W_enc, b_enc, l1_weights, slot, n_dead, precision="ieee", f=None, pre_dead=None):
+def encode(x_in, W_enc, b_enc, l1_weights, precision="ieee", f=None):
     """(1) and its epilogue. x_in [B, d] and W_enc [d, m] in the matmul dtype; b_enc, l1_weights
-    [m] fp32; slot [m] int32; all row-major and contiguous. Returns f [B, m] (matmul dtype),
-    l1 [B] fp32, fires [m] int32, pre_dead [B, n_dead] fp32. f and pre_dead may be passed in
-    (the tests poison them)."""
+    [m] fp32; all row-major and contiguous. Returns f [B, m] (matmul dtype), l1 [B] fp32 and
+    fires [m] int32. f may be passed in (the tests poison it)."""
     B, d = x_in.shape
     m = W_enc.shape[1]
     f = torch.empty(B, m, device=x_in.device, dtype=x_in.dtype) if f is None else f
-    pre_dead = torch.empty(B, n_dead, device=x_in.device, dtype=torch.float32) if pre_dead is None else pre_dead
     l1 = torch.zeros(B, device=x_in.device, dtype=torch.float32)
     fires = torch.zeros(m, device=x_in.device, dtype=torch.int32)
-    encode_tuned[grid(B, m)](x_in, W_enc, b_enc, l1_weights, slot, f, l1, fires, pre_dead,
-                             B, d, m, x_in.stride(0), W_enc.stride(0), f.stride(0), max(1, pre_dead.stride(0)),
-                             HAS_DEAD=n_dead > 0, **dot_flags(x_in.dtype, precision))
-    return f, l1, fires, pre_dead
+    encode_tuned[x_in.element_size()][grid(B, m)](x_in, W_enc, b_enc, l1_weights, f, l1, fires,
+                                                  B, d, m, x_in.stride(0), W_enc.stride(0), f.stride(0),
+                                                  **dot_flags(x_in.dtype, precision))
+    return f, l1, fires
 
 
-def pre_grad(d_x_hat, W_dec, f, d_l1, l1_weights, slot, d_pre_dead, precision="ieee", d_pre=None):
-    """(4) and its epilogue: d pre [B, m] in f's dtype."""
+def pre_grad(d_x_hat, W_dec, f, d_l1, l1_weights, precision="ieee", d_pre=None):
+    """(4) and its epilogue: d pre [B, m] in f's dtype, before the dead features' ghost term."""
     B, d = d_x_hat.shape
     m = W_dec.shape[0]
     d_pre = torch.empty_like(f) if d_pre is None else d_pre
-    pre_grad_tuned[grid(B, m)](d_x_hat, W_dec, f, d_l1, l1_weights, slot, d_pre_dead, d_pre,
-                               B, d, m, d_x_hat.stride(0), W_dec.stride(0), f.stride(0),
-                               max(1, d_pre_dead.stride(0)), d_pre.stride(0),
-                               HAS_DEAD=d_pre_dead.shape[1] > 0, **dot_flags(d_x_hat.dtype, precision))
+    pre_grad_tuned[d_x_hat.element_size()][grid(B, m)](d_x_hat, W_dec, f, d_l1, l1_weights, d_pre,
+                                                       B, d, m, d_x_hat.stride(0), W_dec.stride(0), f.stride(0),
+                                                       d_pre.stride(0), **dot_flags(d_x_hat.dtype, precision))
     return d_pre
 
 
@@ -200,25 +224,25 @@ class FusedSAE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead, dtype, precision):
-        m = W_enc.shape[1]
-        slot = torch.full((m,), -1, dtype=torch.int32, device=x.device)
-        slot[dead] = torch.arange(len(dead), dtype=torch.int32, device=x.device)
         x_in = (x - b_dec).to(dtype).contiguous()                              # [B, d]
         W_enc_c, W_dec_c = W_enc.to(dtype).contiguous(), W_dec.to(dtype).contiguous()
         l1_weights = l1_weights.float().contiguous()
-        f, l1, fires, pre_dead = encode(x_in, W_enc_c, b_enc.float().contiguous(), l1_weights, slot, len(dead), precision)
+        f, l1, fires = encode(x_in, W_enc_c, b_enc.float().contiguous(), l1_weights, precision)
+        # The dead features' pre-activations, for ghost grads: a GEMM of their columns only, few
+        # (a few percent of m), rounded to the matmul dtype as the torch path's pre is.
+        pre_dead = torch.addmm(b_enc[dead].to(dtype), x_in, W_enc_c[:, dead]).float()  # [B, n_dead]
         x_hat = torch.addmm(b_dec.to(dtype), f, W_dec_c)                       # (2) [B, d]
-        ctx.save_for_backward(x_in, f, W_enc_c, W_dec_c, l1_weights, slot)
+        ctx.save_for_backward(x_in, f, W_enc_c, W_dec_c, l1_weights, dead)
         ctx.precision = precision
         ctx.mark_non_differentiable(fires)
         return x_hat, l1, pre_dead, fires
 
     @staticmethod
     def backward(ctx, d_x_hat, d_l1, d_pre_dead, _):
-        x_in, f, W_enc_c, W_dec_c, l1_weights, slot = ctx.saved_tensors
+        x_in, f, W_enc_c, W_dec_c, l1_weights, dead = ctx.saved_tensors
         g = d_x_hat.to(f.dtype).contiguous()                                   # [B, d]
-        d_pre = pre_grad(g, W_dec_c, f, d_l1.float().contiguous(), l1_weights, slot,
-                         d_pre_dead.float().contiguous(), ctx.precision)        # (4) [B, m]
+        d_pre = pre_grad(g, W_dec_c, f, d_l1.float().contiguous(), l1_weights, ctx.precision)  # (4) [B, m]
+        d_pre.index_add_(1, dead, d_pre_dead.to(d_pre.dtype))                  # the ghost term, on dead columns
         d_W_dec = f.T @ g                                                      # (3) [m, d]
         d_W_enc = x_in.T @ d_pre                                               # (5) [d, m]
         d_b_enc = d_pre.float().sum(0)                                         # [m]
@@ -283,8 +307,8 @@ def check_fused(device):
 # At k = 32 and m = 24576 each is 768 times less work than its dense B x d x m product. The
 # kept entries are lists (row, col, value), sorted by row. Every sum above is over a row or a
 # column, which is an embedding bag: torch computes it without materialising the [N, d]
-# products, and so never holds a B x m tensor but pre itself. Triton versions of (2')-(5')
-# replace sparse_decode and SparsePre.backward, with the same arguments.
+# products, and so never holds a B x m tensor but pre itself. With impl="triton", two kernels
+# below do the four products instead (on CUDA; the torch path is the reference and the CPU's).
 
 def dense_pre(x, W_enc, b_enc, b_dec):
     """pre = (x - b_dec) W_enc + b_enc [B, m], outside autograd: the selection reads it, and
@@ -294,18 +318,20 @@ def dense_pre(x, W_enc, b_enc, b_dec):
 
 
 def bag_offsets(index, n):
-    """Where each of the n bags starts, for entries sorted by bag `index` (values 0..n-1)."""
-    counts = torch.bincount(index, minlength=n)
-    return torch.cumsum(counts, 0) - counts
+    """Where each of the n bags starts, for entries sorted by bag `index` (values 0..n-1): the
+    first entry >= j, for each j. (Not bincount: on CUDA it reads its input's max back to the host.)"""
+    return torch.searchsorted(index, torch.arange(n, device=index.device, dtype=index.dtype))
 
 
 class SparsePre(torch.autograd.Function):
     """The kept pre-activations values = pre[rows, cols] [N], as dense_pre computed them, made a
-    function of W_enc, b_enc and b_dec: the backward of (1) on N entries only, (5')."""
+    function of W_enc, b_enc and b_dec: the backward of (1) on N entries only, (5'), by
+    embedding_bag (impl "torch") or bag_sum (impl "triton")."""
 
     @staticmethod
-    def forward(ctx, values, x, W_enc, b_enc, b_dec, rows, cols):
+    def forward(ctx, values, x, W_enc, b_enc, b_dec, rows, cols, impl="torch"):
         ctx.save_for_backward(x - b_dec, W_enc, rows, cols)
+        ctx.impl = impl
         return values.to(torch.float32, copy=True)
 
     @staticmethod
@@ -313,13 +339,298 @@ class SparsePre(torch.autograd.Function):
         x_in, W_enc, rows, cols = ctx.saved_tensors
         m = W_enc.shape[1]
         by_col = torch.argsort(cols, stable=True)
-        d_W_enc_T = F.embedding_bag(rows[by_col], x_in.float(), bag_offsets(cols[by_col], m), mode="sum",
-                                    per_sample_weights=d_pre[by_col])   # [m, d]
+        if ctx.impl == "triton":
+            d_W_enc_T = bag_sum(rows[by_col], d_pre[by_col], bag_offsets(cols[by_col], m), x_in.float())  # [m, d]
+        else:
+            d_W_enc_T = F.embedding_bag(rows[by_col], x_in.float(), bag_offsets(cols[by_col], m), mode="sum",
+                                        per_sample_weights=d_pre[by_col])   # [m, d]
         d_b_enc = torch.zeros(m, device=d_pre.device).index_add_(0, cols, d_pre)  # [m]
-        return None, None, d_W_enc_T.T, d_b_enc, -(W_enc.float() @ d_b_enc), None, None
+        return None, None, d_W_enc_T.T, d_b_enc, -(W_enc.float() @ d_b_enc), None, None, None
 
 
-def sparse_decode(rows, cols, values, W_dec, B):
+class SparseDecode(torch.autograd.Function):
+    """sparse_decode with the kernels below: forward (2') by bag_sum over rows; backward (4') by
+    gathered_dot and (3') by bag_sum over columns, for which the entries are re-sorted by column."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, values, W_dec, B):
+        ctx.save_for_backward(rows, cols, values, W_dec)
+        return bag_sum(cols, values, bag_offsets(rows, B), W_dec)      # [B, d] fp32
+
+    @staticmethod
+    def backward(ctx, d_x_hat):                                         # [B, d]
+        rows, cols, values, W_dec = ctx.saved_tensors
+        g = d_x_hat.float()
+        d_values = d_W_dec = None
+        if ctx.needs_input_grad[2]:
+            d_values = gathered_dot(rows, g, cols, W_dec)               # (4') [N]
+        if ctx.needs_input_grad[3]:
+            by_col = torch.argsort(cols, stable=True)
+            d_W_dec = bag_sum(rows[by_col], values[by_col], bag_offsets(cols[by_col], len(W_dec)), g)  # (3') [m, d]
+        return None, None, d_values, d_W_dec, None
+
+
+def sparse_decode(rows, cols, values, W_dec, B, impl="torch"):
     """(2') without b_dec: sum_{n: rows_n = b} values_n W_dec[cols_n] for b < B, [B, d], for
-    entries sorted by row. embedding_bag's own backward is (3') and (4')."""
+    entries sorted by row. impl "torch": embedding_bag, whose own backward is (3') and (4');
+    "triton": SparseDecode (fp32 out, whatever W_dec's dtype)."""
+    if impl == "triton":
+        return SparseDecode.apply(rows, cols, values, W_dec, B)
+    if impl != "torch":
+        raise ValueError(f"impl {impl!r}: expected 'torch' or 'triton'")
     return F.embedding_bag(cols, W_dec, bag_offsets(rows, B), mode="sum", per_sample_weights=values)
+
+# -----------------------------------------------------------------------------
+# The TopK step's kernels. Two kernels do the four sparse products:
+#
+#   bag_sum       out[j] = sum_{n in bag j} w_n table[idx_n]    (2') by row; (3'), (5') by column
+#   gathered_dot  out[n] = a[ia_n] . b[ib_n]                    (4')
+#
+# A bag is a run of entries sorted by bag: bag j is entries starts[j] up to starts[j + 1]
+# (bag_offsets). A bag_sum program owns one bag and BAG_D columns, and walks the bag BAG_N
+# entries at a time with runtime bounds, in fp32 and in a fixed order: no atomics, so the sums
+# are deterministic, and bags of any size, empty ones included, need no other launch. Neither
+# kernel writes an [N, d] tensor: their traffic is the N gathered table rows, read once.
+# In training every table is fp32 (W_dec, d_x_hat, x_in, as on the torch path); the kernels
+# also read fp16 and bf16 tables, and always accumulate in fp32.
+#
+# Launch constants (the cross-compile test builds these): for d = 768 a program holds a
+# BLOCK_N x BLOCK_D = 16 x 128 fp32 tile, 16 values a thread at 4 warps, read as 16-byte vectors.
+
+BAG_N, BAG_D, BAG_WARPS = 16, 128, 4     # bag_sum_kernel: grid (bags, cdiv(d, BAG_D))
+DOT_N, DOT_D, DOT_WARPS = 16, 128, 4     # gathered_dot_kernel: grid (cdiv(N, DOT_N),)
+
+
+@triton.jit
+def bag_sum_kernel(idx_ptr, w_ptr, starts_ptr, table_ptr, out_ptr, N, n_bags, d, stride_table, stride_out,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bag = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)              # [BLOCK_D]
+    col_in = cols < d
+    start = tl.load(starts_ptr + bag)
+    end = tl.load(starts_ptr + bag + 1, mask=bag + 1 < n_bags, other=N)   # the last bag ends at N
+    # Summed over its rows once, at the end: rows lie across warps, and a sum over them each
+    # step would go through shared memory each time.
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)                                     # entries
+        n_in = n < end
+        idx = tl.load(idx_ptr + n, mask=n_in, other=0).to(tl.int64)       # int64: idx * stride may pass 2^31
+        w = tl.load(w_ptr + n, mask=n_in, other=0.0).to(tl.float32)
+        rows = tl.load(table_ptr + idx[:, None] * stride_table + cols[None, :],
+                       mask=n_in[:, None] & col_in[None, :], other=0.0)    # [BLOCK_N, BLOCK_D]
+        acc += w[:, None] * rows.to(tl.float32)
+    tl.store(out_ptr + bag.to(tl.int64) * stride_out + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
+             mask=col_in)
+
+
+def bag_sum(index, weights, starts, table, out=None):
+    """out[j] = sum_{n in bag j} weights_n table[index_n], [len(starts), d] fp32, for entries sorted
+    by bag with bag j starting at starts[j] (bag_offsets); an empty bag sums to 0. index [N] and
+    starts integer, weights [N] and table [*, d] float. out may be passed in (the tests poison it)."""
+    n, d = len(starts), table.shape[1]
+    out = torch.empty(n, d, device=table.device, dtype=torch.float32) if out is None else out
+    if len(index) == 0:  # nothing to read: every bag is empty
+        return out.zero_()
+    if n and d:
+        table = table if table.stride(1) == 1 else table.contiguous()
+        bag_sum_kernel[(n, triton.cdiv(d, BAG_D))](index.contiguous(), weights.contiguous(), starts.contiguous(),
+                                                   table, out, len(index), n, d, table.stride(0), out.stride(0),
+                                                   BLOCK_N=BAG_N, BLOCK_D=BAG_D, num_warps=BAG_WARPS)
+    return out
+
+
+def bag_sum_torch(index, weights, starts, table):
+    """bag_sum's reference: embedding_bag (which wants weights in the table's dtype)."""
+    return F.embedding_bag(index, table, starts, mode="sum", per_sample_weights=weights.to(table.dtype))
+
+
+@triton.jit
+def gathered_dot_kernel(ia_ptr, a_ptr, ib_ptr, b_ptr, out_ptr, N, d, stride_a, stride_b,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                # entries
+    n_in = n < N
+    ia = tl.load(ia_ptr + n, mask=n_in, other=0).to(tl.int64)             # int64, as in bag_sum
+    ib = tl.load(ib_ptr + n, mask=n_in, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)                   # summed over d once, at the end
+    for d0 in range(0, d, BLOCK_D):
+        k = d0 + tl.arange(0, BLOCK_D)
+        mask = n_in[:, None] & (k[None, :] < d)
+        a = tl.load(a_ptr + ia[:, None] * stride_a + k[None, :], mask=mask, other=0.0)   # [BLOCK_N, BLOCK_D]
+        b = tl.load(b_ptr + ib[:, None] * stride_b + k[None, :], mask=mask, other=0.0)
+        acc += a.to(tl.float32) * b.to(tl.float32)
+    tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_in)
+
+
+def gathered_dot(ia, a, ib, b, out=None):
+    """out[n] = a[ia_n] . b[ib_n], [N] fp32, for a [*, d] and b [*, d] float, ia and ib [N] integer."""
+    N, d = len(ia), a.shape[1]
+    out = torch.empty(N, device=a.device, dtype=torch.float32) if out is None else out
+    a = a if a.stride(1) == 1 else a.contiguous()
+    b = b if b.stride(1) == 1 else b.contiguous()
+    if N:
+        gathered_dot_kernel[(triton.cdiv(N, DOT_N),)](ia.contiguous(), a, ib.contiguous(), b, out, N, d,
+                                                      a.stride(0), b.stride(0),
+                                                      BLOCK_N=DOT_N, BLOCK_D=DOT_D, num_warps=DOT_WARPS)
+    return out
+
+
+def gathered_dot_torch(ia, a, ib, b, chunk=65536):
+    """gathered_dot's reference, chunk entries at a time: [chunk, d] at most in memory."""
+    return torch.cat([(a[ia[s:s + chunk]].float() * b[ib[s:s + chunk]].float()).sum(1)
+                      for s in range(0, len(ia), chunk)] or [a.new_zeros(0, dtype=torch.float32)])
+
+
+def check_sparse(device):
+    """check_fused's counterpart for the TopK step: SparsePre and sparse_decode, impl "triton"
+    against "torch", on a small random problem, forward and backward. None if they agree, else
+    what went wrong. Both sum in fp32, in different orders only."""
+    g = torch.Generator(device).manual_seed(0)
+    B, d, m, k = 32, 48, 96, 4
+    x = torch.randn(B, d, device=device, generator=g)
+    params = [torch.randn(d, m, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(m, device=device, generator=g),
+              torch.randn(m, d, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(d, device=device, generator=g)]
+    top = dense_pre(x, params[0], params[1], params[3]).topk(k, dim=1)
+    kept, cols = top.values.flatten(), top.indices.flatten()                        # [B k]
+    rows = torch.arange(B, device=device).repeat_interleave(k)
+    results = []
+    try:
+        for impl in ("torch", "triton"):
+            W_enc, b_enc, W_dec, b_dec = ps = [p.clone().requires_grad_() for p in params]
+            values = SparsePre.apply(kept, x, W_enc, b_enc, b_dec, rows, cols, impl)
+            x_hat = sparse_decode(rows, cols, values, W_dec, B, impl)
+            x_hat.pow(2).sum().backward()
+            results.append([x_hat] + [p.grad for p in ps])
+    except Exception as e:  # a compiler error, or a launch failure
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for a, b in zip(*results):
+        if not (a - b).norm() <= 1e-4 * b.norm() + 1e-6:
+            return "its results differ from the torch reference"
+    return None
+
+# -----------------------------------------------------------------------------
+# `python kernels.py`: every kernel above, in every tile the autotuner may pick, compiled for
+# GPUs that need not be here (Ampere, sm_80; Hopper, sm_90) by the ptxas inside Triton's wheel,
+# with what the compiled code uses: registers per thread, stack (spills), shared memory, and
+# whether its products run on tensor cores. test_kernels_compile_for_gpus runs it in CI.
+
+SHARED_LIMIT = {80: 166_912, 90: 232_448}  # bytes of shared memory one block may have (opt-in)
+# Each kernel's pointer arguments: "op" is the matmul operand dtype; the integers are i32.
+POINTERS = {
+    "encode_kernel": dict(x_ptr="op", w_ptr="op", f_ptr="op", b_ptr="*fp32", l1w_ptr="*fp32", l1_ptr="*fp32",
+                        fires_ptr="*i32"),
+    "pre_grad_kernel": dict(dxh_ptr="op", wdec_ptr="op", f_ptr="op", dpre_ptr="op", dl1_ptr="*fp32", l1w_ptr="*fp32"),
+    "bag_sum_kernel": dict(idx_ptr="*i64", w_ptr="*fp32", starts_ptr="*i64", table_ptr="op", out_ptr="*fp32"),
+    "gathered_dot_kernel": dict(ia_ptr="*i64", a_ptr="op", ib_ptr="*i64", b_ptr="op", out_ptr="*fp32"),
+}
+UNALIGNED = ("N",)  # the number of kept entries: BatchTopK's varies, so no divisibility is assumed
+
+
+def compile_cases():
+    """(label, kernel name, operand dtype, constexprs, warps, stages) for each variant a GPU may run."""
+    for kernel in ("encode_kernel", "pre_grad_kernel"):
+        for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")):
+            for bm, bn, bk, warps, stages in TILES[2 if dtype == "bf16" else 4]:
+                label = f"{kernel} {dtype}{'/' + precision if dtype == 'fp32' else ''} {bm}x{bn}x{bk}/{warps}w/{stages}s"
+                yield label, kernel, dtype, dict(FP32_DOT=dtype == "fp32", PRECISION=precision, UPCAST=False,
+                                                 BM=bm, BN=bn, BK=bk, GROUP=GROUP), warps, stages
+    # The TopK step's kernels read fp32 tables in training, with fixed blocks (no autotuning).
+    yield f"bag_sum_kernel fp32 {BAG_N}x{BAG_D}/{BAG_WARPS}w", "bag_sum_kernel", "fp32", \
+        dict(BLOCK_N=BAG_N, BLOCK_D=BAG_D), BAG_WARPS, 3
+    yield f"gathered_dot_kernel fp32 {DOT_N}x{DOT_D}/{DOT_WARPS}w", "gathered_dot_kernel", "fp32", \
+        dict(BLOCK_N=DOT_N, BLOCK_D=DOT_D), DOT_WARPS, 3
+
+
+def compile_for(arch, name, dtype, constexprs, warps, stages):
+    """Compile one variant for sm_<arch>; return its resources, read off the cubin by cuobjdump.
+    Pointers and integers (but UNALIGNED) are assumed divisible by 16, as the JIT assumes them
+    at the shapes we train (d 768, m 24,576, batches of 4,096)."""
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    kernel = globals()[name]
+    pointers = {arg: ("*" + dtype if kind == "op" else kind) for arg, kind in POINTERS[name].items()}
+    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
+               if not p.is_constexpr and p.name not in UNALIGNED}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(s for s in usage.splitlines() if "REG:" in s)               # REG:168 STACK:0 SHARED:0 LOCAL:0 ...
+    fields = dict(item.split(":") for item in line.split())
+    ptx = compiled.asm["ptx"]
+    return dict(reg=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]),
+                shared=compiled.metadata.shared + int(fields["SHARED"]),
+                tensor_cores="wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none")
+
+
+def check_on(device, shapes=((4096, 768, 24576), (1000, 770, 3001))):
+    """`python kernels.py --check cuda`, for a machine with a GPU: each kernel against float64 at
+    the training shapes and at odd ones, then the fused and sparse self-checks. One line each;
+    True if all pass. (The tests check the same under the interpreter, at tiny shapes.)"""
+    g = torch.Generator(device).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, device=device, generator=g)
+    rel = lambda got, ref: ((got.double() - ref).norm() / ref.norm()).item()
+    results = []
+    for B, d, m in shapes:
+        for dtype, precision, tol in ((torch.bfloat16, "ieee", 1e-2), (torch.float32, "tf32", 3e-3),
+                                      (torch.float32, "ieee", 1e-5)):
+            x, W, b, l1w = rand(B, d).to(dtype), (rand(d, m) / d ** 0.5).to(dtype), 0.1 * rand(m), rand(m).abs()
+            f, l1, fires = encode(x, W, b, l1w, precision)
+            pre = x.double() @ W.double() + b.double()
+            error = max(rel(f, pre.relu()), rel(l1, pre.relu() @ l1w.double()))
+            results.append((f"encode {B}x{d}x{m} {dtype} {precision}", error, tol))
+            d_x_hat, W_dec, d_l1 = rand(B, d).to(dtype), (rand(m, d) / d ** 0.5).to(dtype), rand(B)
+            d_pre = pre_grad(d_x_hat, W_dec, f, d_l1, l1w, precision)
+            ref = (d_x_hat.double() @ W_dec.double().T + d_l1.double()[:, None] * l1w.double()) * (f > 0)
+            results.append((f"pre_grad {B}x{d}x{m} {dtype} {precision}", rel(d_pre, ref), tol))
+        N = B * 32
+        rows, cols = torch.arange(B, device=device).repeat_interleave(32), torch.randint(0, m, (N,), device=device)
+        values, table = rand(N), rand(m, d)
+        ref = torch.zeros(B, d, device=device, dtype=torch.float64).index_add_(0, rows, values.double()[:, None] *
+                                                                                 table.double()[cols])
+        results.append((f"bag_sum {N} entries into {B} bags, d {d}", rel(bag_sum(cols, values, bag_offsets(rows, B), table),
+                                                                          ref), 1e-5))
+        ref = (table.double()[cols] * table.double()[rows]).sum(1)
+        results.append((f"gathered_dot {N} entries, d {d}", rel(gathered_dot(cols, table, rows, table), ref), 1e-5))
+    for name, check in (("check_fused", check_fused), ("check_sparse", check_sparse)):
+        problem = check(device)
+        results.append((f"{name} ({problem or 'agrees with torch'})", 0.0 if problem is None else math.inf, 0.0))
+    for name, error, tol in results:
+        print(f"{'PASS' if error <= tol else 'FAIL'}  {name}: relative error {error:.2e} (tolerance {tol:.0e})")
+    return all(error <= tol for _, error, tol in results)
+
+
+def main():
+    import argparse
+    import json
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+    p = argparse.ArgumentParser(description="Cross-compile every kernel and tile for GPUs and print their resources; "
+                                            "or, with --check, test the kernels on a GPU.")
+    p.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.add_argument("--check", default=None, help="instead: run each kernel on this device (cuda) against float64")
+    args = p.parse_args()
+    if args.check:
+        sys.exit(0 if check_on(args.check) else 1)
+    cases = [(arch, *case) for arch in map(int, args.arch.split(",")) for case in compile_cases()]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(compile_for, *zip(*[(arch, *case[1:]) for arch, *case in cases])))
+    rows = [dict(arch=arch, variant=case[0], **r) for (arch, *case), r in zip(cases, results)]
+    if args.json:
+        return print(json.dumps(rows))
+    print(f"{'sm':>3}  {'variant':<52} {'REG':>4} {'STACK':>6} {'SHARED':>8}  tensor cores")
+    for r in rows:
+        fits = "" if r["shared"] <= SHARED_LIMIT[r["arch"]] else "  (too much shared memory)"
+        print(f"{r['arch']:>3}  {r['variant']:<52} {r['reg']:>4} {r['stack']:>6} {r['shared']:>8}  {r['tensor_cores']}{fits}")
+
+
+if __name__ == "__main__":
+    main()

@@ -461,7 +461,6 @@ BAD_INPUT = [
     (["train_sae.py", "--resume", "{tmp}/nothing"], "error: no run to resume in"),
     (["train_sae.py", "--arch", "topk", "--k", "0"], "error: --k 0: expected 1..24576 (--d_sae)"),
     (["train_sae.py", "--arch", "batchtopk", "--threshold_rate", "2"], "error: --threshold_rate 2.0: expected a rate in (0, 1]"),
-    (["train_sae.py", "--arch", "topk", "--kernels", "triton"], "error: --kernels triton with --arch topk"),
     (["train_sae.py", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
     (["eval.py", "{tmp}", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
     (["train_sae.py", "--activations", "{tmp}/cut.npy", "--out", "{tmp}/run"], "error: {tmp}/cut.npy: not a complete .npy file"),
@@ -872,7 +871,8 @@ def test_auxk_revives_dead_features():
             train_sae.init_from_data(sae, data)
             sae.b_enc[:32] = -((data - sae.b_dec) @ sae.W_enc[:, :32]).max(0).values - 0.05  # dead by construction
         args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--batch", str(batch), "--tokens", str(steps * batch),
-                                       "--lr", "1e-3", "--lr_warmup", "10", "--auxk_coef", coef, "--k_aux", "16"])
+                                       "--lr", "1e-3", "--lr_warmup", "10", "--auxk_coef", coef, "--k_aux", "16",
+                                       "--kernels", "torch"])
         assert train_sae.dead_after(args) == 30
         t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
         order = torch.Generator().manual_seed(1)
@@ -1291,21 +1291,9 @@ def test_a_non_finite_input_row_is_named(tmp_path, bad):
 
 # -----------------------------------------------------------------------------
 # The Triton kernels (kernels.py), under the interpreter: tiny shapes, none of them a multiple
-# of the 64 x 64 x 32 tile, with no dead features, some, and all.
+# of the 64 x 64 x 32 tile; the fused step with no dead features, some, and all.
 
 KERNEL_SHAPES = [(70, 50, 150), (1, 33, 65), (130, 96, 64)]  # B, d, m
-
-
-def dead_features(kind, m, g):
-    if kind == "none":
-        return torch.zeros(0, dtype=torch.long)
-    return torch.arange(m) if kind == "all" else torch.randperm(m, generator=g)[:m // 3].sort().values
-
-
-def slots(dead, m):
-    slot = torch.full((m,), -1, dtype=torch.int32)
-    slot[dead] = torch.arange(len(dead), dtype=torch.int32)
-    return slot
 
 
 def close(got, ref, tol):
@@ -1315,31 +1303,26 @@ def close(got, ref, tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dead_kind", ["none", "some", "all"])
-def test_encode_kernel(dtype, shape, dead_kind):
+def test_encode_kernel(dtype, shape):
     B, d, m = shape
     g = torch.Generator().manual_seed(B * d + m)
     x_in = torch.randn(B, d, generator=g).to(dtype)
     W = (torch.randn(d, m, generator=g) / d ** 0.5).to(dtype)
     b = 0.5 * torch.randn(m, generator=g)
     l1w = 0.5 + torch.rand(m, generator=g)
-    dead = dead_features(dead_kind, m, g)
     f_out = torch.full((B, m), float("nan"), dtype=dtype)  # poisoned: every element must be written
-    pd_out = torch.full((B, len(dead)), float("nan"))
-    f, l1, fires, pre_dead = kernels.encode(x_in, W, b, l1w, slots(dead, m), len(dead), f=f_out, pre_dead=pd_out)
+    f, l1, fires = kernels.encode(x_in, W, b, l1w, f=f_out)
     pre = x_in.double() @ W.double() + b.double()  # float64, from the same (rounded) operands
     f_ref = torch.relu(pre)
     tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16 only in how f is stored
     assert f is f_out and not f.isnan().any() and close(f, f_ref, tol)
     assert close(l1, f_ref @ l1w.double(), 1e-6)  # summed from the fp32 accumulator
     assert torch.equal(fires, (f_ref > 0).sum(0).int())
-    assert pre_dead is pd_out and not pre_dead.isnan().any() and close(pre_dead, pre[:, dead], 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dead_kind", ["none", "some", "all"])
-def test_pre_grad_kernel(dtype, shape, dead_kind):
+def test_pre_grad_kernel(dtype, shape):
     B, d, m = shape
     g = torch.Generator().manual_seed(B * d + m + 1)
     d_x_hat = torch.randn(B, d, generator=g).to(dtype)
@@ -1347,12 +1330,9 @@ def test_pre_grad_kernel(dtype, shape, dead_kind):
     f = torch.relu(torch.randn(B, m, generator=g)).to(dtype)  # about half zero
     d_l1 = torch.randn(B, generator=g)
     l1w = 0.5 + torch.rand(m, generator=g)
-    dead = dead_features(dead_kind, m, g)
-    d_pre_dead = torch.randn(B, len(dead), generator=g)
     out = torch.full((B, m), float("nan"), dtype=dtype)
-    d_pre = kernels.pre_grad(d_x_hat, W_dec, f, d_l1, l1w, slots(dead, m), d_pre_dead, d_pre=out)
+    d_pre = kernels.pre_grad(d_x_hat, W_dec, f, d_l1, l1w, d_pre=out)
     ref = (d_x_hat.double() @ W_dec.double().T + d_l1.double()[:, None] * l1w.double()) * (f > 0)
-    ref[:, dead] += d_pre_dead.double()
     assert d_pre is out and not d_pre.isnan().any()
     assert close(d_pre, ref, 1e-6 if dtype == torch.float32 else 1e-3)
 
@@ -1392,6 +1372,47 @@ def test_fused_self_check(monkeypatch):
     real = kernels.pre_grad
     monkeypatch.setattr(kernels, "pre_grad", lambda *a, **k: real(*a, **k) * 1.1)
     assert kernels.check_fused("cpu") == "its results differ from the torch reference"
+
+
+def test_kernels_compile_for_gpus(tmp_path):
+    """Every kernel in every tile the autotuner may pick, compiled for Ampere (sm_80) and Hopper
+    (sm_90) by `python kernels.py` (Triton's own ptxas; no GPU needed), with a fresh compile
+    cache so that it really compiles: none spills, each fits the architecture's shared memory,
+    and the products run on tensor cores (wgmma on Hopper) except in IEEE fp32."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compiler, not the interpreter
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "kernels.py", "--json", "--jobs", "2"], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout)
+    expected = {(arch, kernel, dtype) for arch in (80, 90) for kernel in ("encode_kernel", "pre_grad_kernel")
+                for dtype in ("bf16", "fp32/tf32", "fp32/ieee")}
+    expected |= {(arch, kernel, "fp32") for arch in (80, 90) for kernel in ("bag_sum_kernel", "gathered_dot_kernel")}
+    assert {(r["arch"], *r["variant"].split()[:2]) for r in rows} == expected
+    for size, tiles in kernels.TILES.items():  # a real choice for the autotuner: two tiles or more
+        assert len(tiles) >= 2
+    assert len(rows) == 2 * (2 * (len(kernels.TILES[2]) + 2 * len(kernels.TILES[4])) + 2)
+    for r in rows:
+        assert r["stack"] == 0 and r["local"] == 0, r  # nothing spills
+        assert r["shared"] <= kernels.SHARED_LIMIT[r["arch"]], r
+        kernel, dtype = r["variant"].split()[:2]
+        gemm = kernel in ("encode_kernel", "pre_grad_kernel") and dtype != "fp32/ieee"  # the others gather and add
+        assert r["tensor_cores"] == (("wgmma" if r["arch"] == 90 else "mma.sync") if gemm else "none"), r
+
+
+def test_the_gpu_check_passes_under_the_interpreter(capsys):
+    """`python kernels.py --check cuda`, the first thing to run on a GPU, at a tiny odd shape: it
+    passes here, and says FAIL when a kernel is wrong."""
+    assert kernels.check_on("cpu", shapes=((70, 50, 150),))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and all(line.startswith("PASS") for line in lines), lines
+    real = kernels.gathered_dot
+    kernels.gathered_dot = lambda *a: real(*a) * 1.001
+    try:
+        assert not kernels.check_on("cpu", shapes=((70, 50, 150),))
+    finally:
+        kernels.gathered_dot = real
+    assert capsys.readouterr().out.count("FAIL") == 2  # the kernel, and check_sparse through it
 
 
 def test_training_steps_triton_equal_torch():
@@ -1834,3 +1855,120 @@ def test_eval_bad_sae_folder_gets_one_line_before_any_work(tiny, tmp_path, case)
         message = f"error: --features 99999: expected 0..95 (d_sae of {folder})"
     code, err = run_cli("eval.py", *eval_args(tiny, folder), *extra, cache=tmp_path / "cache")
     assert code == 1 and err.startswith(message) and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+# -----------------------------------------------------------------------------
+# The TopK step's Triton kernels, under the interpreter
+
+def bags(sizes):
+    """Entries sorted by bag, `sizes` of them in each: (each entry's bag, where each bag starts)."""
+    bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+    return bag, kernels.bag_offsets(bag, len(sizes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("sizes, d", [([3, 0, 17, 1, 0], 13), ([0, 40, 2], 130), ([0, 0], 5)],
+                         ids=["empty-bags", "long-bag-two-column-blocks", "no-entries"])
+def test_bag_sum_kernel(dtype, sizes, d):
+    g = torch.Generator().manual_seed(len(sizes) * d)
+    bag, starts = bags(sizes)
+    index = torch.randint(23, (len(bag),), generator=g)
+    weights = torch.randn(len(bag), generator=g)
+    table = torch.randn(23, d + 3, generator=g).to(dtype)[:, :d]  # a row stride that is not d
+    out = torch.full((len(sizes), d), float("nan"))  # poisoned: every element must be written
+    got = kernels.bag_sum(index, weights, starts, table, out=out)
+    ref = torch.zeros(len(sizes), d, dtype=torch.float64).index_add_(0, bag, weights.double()[:, None] * table.double()[index])
+    assert got is out and not got.isnan().any() and close(got, ref, 1e-6)  # fp32 sums of the same operands
+    assert close(kernels.bag_sum_torch(index, weights, starts, table.float()), ref, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N, d", [(37, 13), (5, 130), (0, 8)])
+def test_gathered_dot_kernel(dtype, N, d):
+    g = torch.Generator().manual_seed(N + d)
+    a = torch.randn(11, d + 2, generator=g).to(dtype)[:, :d]
+    b = torch.randn(19, d, generator=g).to(dtype)
+    ia, ib = torch.randint(11, (N,), generator=g), torch.randint(19, (N,), generator=g)
+    out = torch.full((N,), float("nan"))
+    got = kernels.gathered_dot(ia, a, ib, b, out=out)
+    ref = (a.double()[ia] * b.double()[ib]).sum(1)
+    assert got is out and not got.isnan().any() and close(got, ref, 1e-6)
+    assert close(kernels.gathered_dot_torch(ia, a, ib, b, chunk=4), ref, 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
+                         ids=["no-dead", "dead", "k_aux-capped"])
+def test_topk_step_triton_matches_dense_float64(arch, dead, k_aux):
+    """topk_loss with impl "triton" against the dense float64 formulation (value and every
+    gradient), and against impl "torch" (x_hat, what fires)."""
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    is_dead = torch.zeros(40, dtype=torch.bool)
+    is_dead[dead or []] = True
+    runs = {}
+    for impl in ("torch", "triton"):
+        sae = random_sae()
+        loss, parts, fires, x_hat, _ = train_sae.topk_loss(sae, x, arch, 4, is_dead, k_aux, 0.25, impl=impl)
+        loss.backward()
+        runs[impl] = sae, loss, parts, fires, x_hat
+    sae, loss, parts, fires, x_hat = runs["triton"]
+    P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
+    ref, keep = reference_topk_loss(P, x, arch, 4, dead, k_aux, 0.25)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item() and (parts["auxk"].item() == 0) == (dead is None)
+    for name, param in sae.named_parameters():
+        err = (param.grad.double() - P[name].grad).norm() / P[name].grad.norm()
+        assert err < 1e-5, (name, err.item())
+    assert torch.equal(fires, keep.sum(0)) and torch.equal(fires, runs["torch"][3])
+    assert close(x_hat, runs["torch"][4].double(), 1e-6)
+
+
+def test_topk_training_steps_triton_equal_torch():
+    """train_step hands --kernels to the TopK step: three steps, the third with AuxK."""
+    args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--k_aux", "8", "--d_sae", "40", "--lr", "1e-3",
+                                   "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
+    runs = {}
+    for impl in ("torch", "triton"):
+        args.kernels = impl
+        sae = random_sae()
+        with torch.no_grad():
+            sae.b_enc[:10] = -20  # dead from the start
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        g = torch.Generator().manual_seed(0)
+        for step in range(3):
+            record = train_sae.train_step(t, torch.randn(32, 12, generator=g) + 1, step, args,
+                                          lambda: torch.autocast("cpu", enabled=False), True)
+        runs[impl] = t, record
+    (a, ra), (b, rb) = runs["torch"], runs["triton"]
+    assert rb["auxk"] > 0 and torch.equal(a.since_fired, b.since_fired) and torch.equal(a.fires, b.fires)
+    for name, param in a.sae.named_parameters():
+        assert close(b.sae.get_parameter(name).detach(), param.detach().double(), 1e-5), name
+    assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in ("mse", "auxk", "l0"))
+
+
+def test_sparse_self_check(monkeypatch):
+    """What --kernels auto runs on CUDA before trusting the TopK kernels: here, under the interpreter."""
+    assert kernels.check_sparse("cpu") is None
+    monkeypatch.setattr(kernels, "bag_sum", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
+    assert kernels.check_sparse("cpu") == "RuntimeError: PTX too new"
+    monkeypatch.undo()
+    real = kernels.gathered_dot
+    monkeypatch.setattr(kernels, "gathered_dot", lambda *a, **k: real(*a, **k) * 1.1)
+    assert kernels.check_sparse("cpu") == "its results differ from the torch reference"
+
+
+def test_topk_kernels_resolved(monkeypatch, capsys):
+    """--kernels for topk and batchtopk: auto is the Triton kernels on CUDA once they pass their
+    check, else torch with a warning; triton on CPU only under the interpreter."""
+    def resolved(flag, device, problem=None):
+        monkeypatch.setattr(kernels, "check_sparse", lambda device: problem)
+        args = train_sae.parse_args(["--arch", "batchtopk", "--kernels", flag, "--device", device])
+        train_sae.resolve_kernels(args)
+        return args.kernels
+    assert resolved("auto", "cuda") == "triton" and resolved("auto", "cpu") == "torch"
+    assert resolved("auto", "cuda", "RuntimeError: PTX too new") == "torch"
+    assert ("WARNING: the sparse TopK Triton kernels failed their check on cuda (RuntimeError: PTX too new)"
+            in capsys.readouterr().err)
+    assert resolved("triton", "cpu") == "triton"
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(ValueError, match="--kernels triton on CPU: expected a CUDA device"):
+        resolved("triton", "cpu")

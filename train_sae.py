@@ -225,11 +225,12 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch", batch_
     return loss, parts, fires, x_hat
 
 
-def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False):
+def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch"):
     """loss, its parts (detached), each feature's firing count, x_hat, and the batch's smallest
     kept activation (batchtopk; else None), for a TopK or BatchTopK SAE on x [B, d] (fp32).
     dead [m] (bool): the dead features, which AuxK trains. shared: x is this rank's slice of the
-    batch, and every rank holds a copy of the SAE (data-parallel training)."""
+    batch, and every rank holds a copy of the SAE (data-parallel training). impl: the sparse
+    products in "torch" or "triton" (kernels.py)."""
     B, m = len(x), sae.b_enc.shape[0]
     batch_mean, gather = (all_mean, gather_rows) if shared else (lambda t: t, lambda t: t)
     pre = kernels.dense_pre(x, sae.W_enc, sae.b_enc, sae.b_dec)          # [B, m], the one dense GEMM
@@ -260,9 +261,9 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False):
     del pre
     # One autograd node for both sets of entries: their gradients meet in one sparse backward.
     values = kernels.SparsePre.apply(torch.cat([kept, aux_pre.to(kept.dtype)]), x, sae.W_enc, sae.b_enc, sae.b_dec,
-                                     torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols]))
+                                     torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols]), impl)
     f = torch.relu(values[:len(rows)])                                 # [N]
-    x_hat = kernels.sparse_decode(rows, cols, f, sae.W_dec, B) + sae.b_dec  # [B, d]
+    x_hat = kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec  # [B, d]
     fires = torch.bincount(cols[f > 0], minlength=m)                   # [m]
     # The normalised MSE, 1 - explained variance: the scale of the data does not matter.
     spread = batch_mean((x - batch_mean(x.mean(0))).pow(2).sum(1).mean())
@@ -270,7 +271,7 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False):
     aux_loss = torch.zeros((), device=x.device)
     if n_aux:
         e = (x - x_hat).detach()                                       # [B, d]
-        e_hat = kernels.sparse_decode(aux_rows, aux_cols, values[len(rows):], sae.W_dec, B)  # [B, d]
+        e_hat = kernels.sparse_decode(aux_rows, aux_cols, values[len(rows):], sae.W_dec, B, impl)  # [B, d]
         e_spread = batch_mean((e - batch_mean(e.mean(0))).pow(2).sum(1).mean())
         aux_loss = auxk_coef * (e - e_hat).pow(2).sum(1).mean() / e_spread
     loss = mse_loss + aux_loss
@@ -701,7 +702,7 @@ def train_step(t, x, step, args, autocast, log, shared=False):
             loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
         else:
             loss, parts, fires, x_hat, smallest_kept = topk_loss(t.sae, x, args.arch, args.k, is_dead, args.k_aux,
-                                                                 args.auxk_coef, shared)
+                                                                 args.auxk_coef, shared, args.kernels)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     if shared:  # the whole batch's gradient is the mean of the slices'; the counts, their sum
@@ -814,16 +815,13 @@ def settings_for_resume(args, argv=None):
 
 
 def resolve_kernels(args):
-    if args.arch != "relu":  # the fused kernels are ReLU's; TopK's step is sparse torch (kernels.py)
-        if args.kernels == "triton":
-            raise ValueError(f"--kernels triton with --arch {args.arch}: the Triton kernels are for relu; "
-                             f"expected --kernels torch or auto")
-        args.kernels = "torch"
+    # relu's step is the fused kernels; topk's and batchtopk's, the sparse ones (kernels.py)
+    check, which = (kernels.check_fused, "fused") if args.arch == "relu" else (kernels.check_sparse, "sparse TopK")
     if args.kernels == "auto":
         args.kernels = "triton" if args.device.startswith("cuda") else "torch"
-        problem = kernels.check_fused(args.device) if args.kernels == "triton" else None
+        problem = check(args.device) if args.kernels == "triton" else None
         if problem:  # never silently: the torch path is correct, only slower
-            print(f"WARNING: the fused Triton kernels failed their check on {args.device} ({problem}); "
+            print(f"WARNING: the {which} Triton kernels failed their check on {args.device} ({problem}); "
                   f"training with the torch path instead (--kernels torch)", file=sys.stderr)
             args.kernels = "torch"
     if args.kernels == "triton" and not args.device.startswith("cuda") and not kernels.INTERPRET:
