@@ -249,12 +249,16 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
         smallest_kept = gather(offers).float().topk(n, sorted=False).values.min().clamp_min(0)
         rows, cols = torch.nonzero((pre >= smallest_kept) & (pre > 0)).unbind(1)  # [N] each, by row
         kept = pre[rows, cols]                                        # [N]
-    n_aux = min(k_aux, int(dead.sum())) if auxk_coef > 0 else 0
+    # AuxK (Gao et al. 2024, A.2): each token's n_aux largest pre-activations among the dead
+    # features, not ReLU'd (so that a feature that died far below 0 still gets a gradient), fit
+    # the residual the live features leave. When there are no more dead features than k_aux,
+    # every token takes all of them: then AuxK is dense, two GEMMs of n_dead columns, far cheaper
+    # than B n_dead sparse entries (each a gathered row of d in every sparse product).
+    n_dead = int(dead.sum())
+    n_aux = min(k_aux, n_dead) if auxk_coef > 0 else 0
+    dense_aux = 0 < n_aux == n_dead
     aux_rows = aux_cols = aux_pre = rows[:0]
-    if n_aux:
-        # AuxK (Gao et al. 2024, A.2): each token's n_aux largest pre-activations among the dead
-        # features, not ReLU'd (so that a feature that died far below 0 still gets a gradient),
-        # fit the residual the live features leave. pre is not needed after this: mask in place.
+    if n_aux and not dense_aux:  # pre is not needed after this: mask it in place
         aux = pre.masked_fill_(~dead, -math.inf).topk(n_aux, dim=1, sorted=False)
         aux_pre, aux_cols = aux.values.flatten(), aux.indices.flatten()  # [B n_aux]
         aux_rows = torch.arange(B, device=x.device).repeat_interleave(n_aux)
@@ -271,7 +275,12 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     aux_loss = torch.zeros((), device=x.device)
     if n_aux:
         e = (x - x_hat).detach()                                       # [B, d]
-        e_hat = kernels.sparse_decode(aux_rows, aux_cols, values[len(rows):], sae.W_dec, B, impl)  # [B, d]
+        if dense_aux:
+            on = dead.nonzero().squeeze(1)                             # [n_dead]
+            aux_pre = torch.addmm(sae.b_enc[on], x - sae.b_dec, sae.W_enc[:, on])  # [B, n_dead]
+            e_hat = aux_pre @ sae.W_dec[on]                            # [B, d]
+        else:
+            e_hat = kernels.sparse_decode(aux_rows, aux_cols, values[len(rows):], sae.W_dec, B, impl)  # [B, d]
         e_spread = batch_mean((e - batch_mean(e.mean(0))).pow(2).sum(1).mean())
         aux_loss = auxk_coef * (e - e_hat).pow(2).sum(1).mean() / e_spread
     loss = mse_loss + aux_loss
