@@ -30,7 +30,9 @@ import train_sae
 
 p = argparse.ArgumentParser(description="Evaluate SAEs on GPT-2 small's residual stream.",
                             formatter_class=gpt2.HelpFormatter)
-p.add_argument("folders", nargs="+", help="run folders (holding blocks.L.hook_resid_pre/) or SAE folders")
+p.add_argument("folders", nargs="+",
+               help="run folders (holding blocks.L.hook_resid_pre/), SAE folders, or bloom:L / bloom:all for Bloom's "
+                    "published SAEs (downloaded once into the cache)")
 p.add_argument("--tokens", type=int, default=2_000_000, help="held-out tokens to evaluate on")
 p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
 p.add_argument("--batch", type=int, default=32, help="contexts per forward")
@@ -43,22 +45,49 @@ p.add_argument("--top", type=int, default=12, help="top-activating contexts per 
 p.add_argument("--seed", type=int, default=0, help="seeds the dashboard's choice of features and examples")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 p.add_argument("--cache_dir", default=None, help=f"downloads go here (default: {gpt2.default_cache_dir()})")
+p.add_argument("--activations", default=None,
+               help="evaluate on the rows of this activation file [N, d] (.npy or .safetensors) instead of GPT-2's "
+                    "residuals: every metric that needs no language model")
 
 # -----------------------------------------------------------------------------
 # SAE folders in SAELens's format: ours, or anyone's standard (ReLU), TopK or JumpReLU SAE on a
 # resid_pre hook.
 
-def find_sae_folders(paths):
+# Bloom's Feb 2024 SAEs, in SAELens's format, one folder per blocks.L.hook_resid_pre.
+BLOOM_URL = "https://huggingface.co/jbloom/GPT2-Small-SAEs-Reformatted/resolve/main"
+BLOOM_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+
+
+def bloom_folders(name, cache_dir):
+    """bloom:L (0..11) or bloom:all: (name, local folder) of Bloom's SAEs, downloaded once (with
+    progress, resumable, renamed into place only when complete) into the cache."""
+    which = name.removeprefix("bloom:")
+    layers = range(12) if which == "all" else [int(which)] if which.isdigit() and int(which) < 12 else None
+    if layers is None:
+        raise ValueError(f"{name}: expected bloom:L with L in 0..11, or bloom:all")
+    folders = []
+    for L in layers:
+        folder = os.path.join(cache_dir or gpt2.default_cache_dir(), "bloom", train_sae.hook_name(L))
+        for file in BLOOM_FILES:
+            gpt2.download(f"{BLOOM_URL}/{train_sae.hook_name(L)}/{file}", os.path.join(folder, file))
+        folders.append((f"bloom:{L}", folder))
+    return folders
+
+
+def find_sae_folders(paths, cache_dir=None):
+    """(name, folder) of every SAE the arguments name: SAE folders, run folders, Bloom's."""
     folders = []
     for path in paths:
-        if os.path.isfile(os.path.join(path, "cfg.json")):
-            folders.append(path)
+        if path.startswith("bloom:"):
+            folders += bloom_folders(path, cache_dir)
+        elif os.path.isfile(os.path.join(path, "cfg.json")):
+            folders.append((path, path))
         elif os.path.isdir(path):
             subs = sorted((s for s in os.listdir(path) if os.path.isfile(os.path.join(path, s, "cfg.json"))),
                           key=lambda s: (len(s), s))  # blocks.2 before blocks.10
             if not subs:
                 raise ValueError(f"{path}: no SAE in it (expected cfg.json, or folders blocks.L.hook_resid_pre/)")
-            folders += [os.path.join(path, s) for s in subs]
+            folders += [(os.path.join(path, s),) * 2 for s in subs]
         else:
             raise FileNotFoundError(f"no such folder: {path}")
     return folders
@@ -140,17 +169,44 @@ def held_out_batches(args, label):
     print(file=sys.stderr)
 
 
+def activation_rows(args, label):
+    """The rows of --activations [n, d], in order, --tokens of them in all (or the whole file
+    when it is smaller), each checked as train_sae reads them (no NaN or Inf)."""
+    rows = train_sae.FileSource(args.activations, center=False, device=args.device)
+    total, done, t0, shown = min(rows.n, args.tokens), 0, time.time(), 0.0
+    while done < total:
+        n = min(args.batch * args.ctx, total - done)
+        yield rows.next(n)[:, 0]                                               # [n, d]
+        done += n
+        if time.time() - shown > 1:
+            gpt2.progress(label, done, total, t0, unit="rows")
+            shown = time.time()
+    gpt2.progress(label, done, total, t0, unit="rows")
+    print(file=sys.stderr)
+
+
+def residual_batches(model, saes, args, label):
+    """(token ids [b, T], {layer: residual [b, T, d]}) over the evaluation set: GPT-2's residuals
+    on the held-out contexts, or else (no model) rows of --activations, as (None, [1, n, d]) for
+    every SAE."""
+    layers = sorted({s["layer"] for s in saes})
+    if model is None:
+        for x in activation_rows(args, label):
+            yield None, {L: x[None] for L in layers}
+    else:
+        for idx in held_out_batches(args, label):
+            yield idx, model.residuals(idx, layers)
+
+
 @torch.no_grad()
 def first_pass(model, saes, args):
     """Per SAE: the mean SAE input over the evaluation set, and each feature's firing count
     and largest activation."""
-    layers = sorted({s["layer"] for s in saes})
     for s in saes:
-        m = s["sae"].b_enc.shape[0]
-        s.update(x_sum=torch.zeros(model.cfg.n_embd, dtype=torch.float64, device=args.device), n=0,
+        d, m = s["sae"].W_enc.shape
+        s.update(x_sum=torch.zeros(d, dtype=torch.float64, device=args.device), n=0,
                  fires=torch.zeros(m, dtype=torch.long, device=args.device), max_act=torch.zeros(m, device=args.device))
-    for idx in held_out_batches(args, "eval pass 1 of 2 (means, firing counts)"):
-        resid = model.residuals(idx, layers)
+    for _, resid in residual_batches(model, saes, args, "eval pass 1 of 2 (means, firing counts)"):
         for s in saes:
             x, _ = sae_input(resid[s["layer"]].flatten(0, 1), s["center"])  # [tokens, d]
             _, f, _ = s["sae"](x)
@@ -165,27 +221,34 @@ def first_pass(model, saes, args):
 @torch.no_grad()
 def second_pass(model, saes, args):
     """Per SAE: the sums behind every metric (float64, on the device until the end), and (with
-    --dashboard) the examples."""
+    --dashboard) the examples. Without a model (--activations), the sums that need none."""
     layers = sorted({s["layer"] for s in saes})
-    keys = ("n", "sse", "sst", "ev_token", "l1", "l0", "cos", "norm_ratio", "n_pred", "ce_clean", "ce_sae", "ce_zero", "kl")
+    keys = ("n", "sse", "sst", "ev_token", "l1", "l0", "cos", "norm_ratio")
+    keys += ("n_pred", "ce_clean", "ce_sae", "ce_zero", "kl") if model is not None else ()
     for s in saes:
         s["sums"] = {k: torch.zeros((), dtype=torch.float64, device=args.device) for k in keys}
-    for idx in held_out_batches(args, "eval pass 2 of 2 (metrics, examples)"):
-        resid = model.residuals(idx, layers)                                    # {L: [b, T, d]}
-        clean = model.logits_from(resid[layers[-1]], layers[-1])                # [b, T, vocab]
-        log_p_clean = F.log_softmax(clean[:, :-1].float(), -1)                  # [b, T-1, vocab]
-        target = idx[:, 1:]
-        ce_clean = token_ce(clean, target).sum()
-        ce_zero = {L: token_ce(model.logits_from(torch.zeros_like(resid[L]), L), target).sum() for L in layers}
+    for idx, resid in residual_batches(model, saes, args, "eval pass 2 of 2 (metrics, examples)"):  # {L: [b, T, d]}
+        if model is not None:
+            clean = model.logits_from(resid[layers[-1]], layers[-1])            # [b, T, vocab]
+            log_p_clean = F.log_softmax(clean[:, :-1].float(), -1)              # [b, T-1, vocab]
+            target = idx[:, 1:]
+            ce_clean = token_ce(clean, target).sum()
+            ce_zero = {L: token_ce(model.logits_from(torch.zeros_like(resid[L]), L), target).sum() for L in layers}
         for s in saes:
             L, sums = s["layer"], s["sums"]
             x, mean = sae_input(resid[L], s["center"])                          # [b, T, d]
             _, f, x_hat = s["sae"](x)
-            logits = model.logits_from(x_hat + mean, L)
+            if model is not None:
+                logits = model.logits_from(x_hat + mean, L)
+                log_p = F.log_softmax(logits[:, :-1].float(), -1)
+                sums["n_pred"] += target.numel()
+                sums["ce_clean"] += ce_clean
+                sums["ce_sae"] += token_ce(logits, target).sum()
+                sums["ce_zero"] += ce_zero[L]
+                sums["kl"] += (log_p_clean.exp() * (log_p_clean - log_p)).sum()
             x, x_hat, f = x.flatten(0, 1).double(), x_hat.flatten(0, 1).double(), f.flatten(0, 1)
             err = (x - x_hat).pow(2).sum(1)                                      # [tokens]
             spread = (x - s["x_mean"].double()).pow(2).sum(1)                    # ||x_b - x_bar||^2
-            log_p = F.log_softmax(logits[:, :-1].float(), -1)
             sums["n"] += len(x)
             sums["sse"] += err.sum()
             sums["sst"] += spread.sum()
@@ -194,11 +257,6 @@ def second_pass(model, saes, args):
             sums["l0"] += torch.count_nonzero(f)
             sums["cos"] += F.cosine_similarity(x, x_hat, dim=1).sum()
             sums["norm_ratio"] += (x_hat.norm(dim=1) / x.norm(dim=1)).sum()
-            sums["n_pred"] += target.numel()
-            sums["ce_clean"] += ce_clean
-            sums["ce_sae"] += token_ce(logits, target).sum()
-            sums["ce_zero"] += ce_zero[L]
-            sums["kl"] += (log_p_clean.exp() * (log_p_clean - log_p)).sum()
             if "dash" in s:
                 collect_examples(s["dash"], idx, f.view(*idx.shape, -1), args)
 
@@ -213,6 +271,10 @@ def metrics(s):
     t, fires = {k: v.item() for k, v in s["sums"].items()}, s["fires"].cpu()
     density = fires.double() / s["n"]
     hist, edges = np.histogram(np.log10(density.numpy() + 1e-10), bins=20, range=(-10, 0))
+    spliced = {} if "n_pred" not in t else {  # the language-model metrics: none on --activations
+        "ce_clean": t["ce_clean"] / t["n_pred"], "ce_sae": t["ce_sae"] / t["n_pred"], "ce_zero": t["ce_zero"] / t["n_pred"],
+        "ce_recovered": (t["ce_zero"] - t["ce_sae"]) / (t["ce_zero"] - t["ce_clean"]),
+        "kl": t["kl"] / t["n_pred"]}
     return {
         "layer": s["layer"], "hook_name": f"blocks.{s['layer']}.hook_resid_pre", "d_sae": len(fires),
         "tokens": int(t["n"]),
@@ -221,10 +283,7 @@ def metrics(s):
         "mse": t["sse"] / (t["n"] * len(s["x_mean"])),
         "l1": t["l1"] / t["n"], "l0": t["l0"] / t["n"],
         "cos": t["cos"] / t["n"], "norm_ratio": t["norm_ratio"] / t["n"],
-        "alive_pct": 100 * (fires > 0).double().mean().item(), "dead": int((fires == 0).sum()),
-        "ce_clean": t["ce_clean"] / t["n_pred"], "ce_sae": t["ce_sae"] / t["n_pred"], "ce_zero": t["ce_zero"] / t["n_pred"],
-        "ce_recovered": (t["ce_zero"] - t["ce_sae"]) / (t["ce_zero"] - t["ce_clean"]),
-        "kl": t["kl"] / t["n_pred"],
+        "alive_pct": 100 * (fires > 0).double().mean().item(), "dead": int((fires == 0).sum()), **spliced,
         "density_histogram": {"log10_edges": edges.tolist(), "counts": hist.tolist()},
         "centered_input": s["center"],
     }
@@ -449,7 +508,7 @@ if (location.hash) route(); else { const first = Object.keys(DATA.features)[0]; 
 
 # -----------------------------------------------------------------------------
 
-COLUMNS = [("layer", "layer", "{}"), ("explained_variance", "var. expl.", "{:.2%}"), ("l1", "L1", "{:.2f}"),
+COLUMNS = [("sae", "SAE", "{}"), ("layer", "layer", "{}"), ("explained_variance", "var. expl.", "{:.2%}"), ("l1", "L1", "{:.2f}"),
            ("l0", "L0", "{:.2f}"), ("alive_pct", "% alive", "{:.1f}%"), ("ce_sae", "recon. CE", "{:.3f}"),
            ("ce_clean", "clean CE", "{:.3f}"), ("ce_zero", "zero CE", "{:.3f}"), ("ce_recovered", "CE recov.", "{:.2%}"),
            ("kl", "KL", "{:.4f}"), ("explained_variance_pooled", "var. expl. pooled", "{:.2%}"),
@@ -466,19 +525,25 @@ def main(argv=None):
         if getattr(args, flag) < (2 if flag == "ctx" else 1):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     gpt2.check_device(args.device)
+    if args.dashboard and args.activations:
+        raise ValueError("--dashboard with --activations: dashboards need token contexts for now; evaluate without --dashboard")
     features = parse_features(args.features) if args.features else []
     if args.weights is not None:
         gpt2.check_weights_path(args.weights)
-    enc = gpt2.tokenizer() if args.dashboard else None
+    enc = gpt2.tokenizer() if args.dashboard and not args.activations else None
+    about = train_sae.read_about(args.activations) if args.activations else None  # what the rows are, if known
     saes = []
-    for folder in find_sae_folders(args.folders):
+    for name, folder in find_sae_folders(args.folders, args.cache_dir):
         sae, layer, center = load_sae(folder)
         with open(os.path.join(folder, "cfg.json")) as f:
             model_name = json.load(f).get("model_name", "gpt2")
-        if model_name not in ("gpt2", "gpt2-small"):  # ours say gpt2, Bloom's gpt2-small
+        if model_name not in ("gpt2", "gpt2-small") and not args.activations:  # ours say gpt2, Bloom's gpt2-small
             raise ValueError(f"{folder}: an SAE of {model_name!r} activations (cfg.json model_name), expected gpt2: "
-                             f"eval.py splices SAEs into GPT-2")
-        saes.append({"folder": folder, "sae": sae, "layer": layer, "center": center})
+                             f"eval.py splices SAEs into GPT-2; evaluate it on its activations with --activations")
+        if about and about["layer"] != layer:
+            raise ValueError(f"{folder}: an SAE of {train_sae.hook_name(layer)}, but {train_sae.about_path(args.activations)} "
+                             f"says the rows are {about['hook_name']}")
+        saes.append({"folder": folder, "name": name, "sae": sae, "layer": layer, "center": center})
         m = sae.W_enc.shape[1]
         bad = [i for i in features if not 0 <= i < m]
         if bad:
@@ -487,18 +552,24 @@ def main(argv=None):
         sae = s["sae"]
         print(f"SAE {s['folder']}: layer {s['layer']}, {sae.arch}{f' k {sae.k}' if sae.arch == 'topk' else ''}, "
               f"d_sae {sae.W_enc.shape[1]:,}{', centred input' if s['center'] else ''}", file=sys.stderr)
-    args.shards = gpt2.corpus(args.data, "eval", args.ctx, args.cache_dir)  # opened once, read by both passes
-    model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
+    if args.activations:  # no language model: the rows are the residuals
+        model, d_model = None, train_sae.FileSource(args.activations, center=False, device="cpu").d
+    else:
+        args.shards = gpt2.corpus(args.data, "eval", args.ctx, args.cache_dir)  # opened once, read by both passes
+        model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
+        d_model = model.cfg.n_embd
     for s in saes:
-        gpt2.check_layers([s["layer"]], model.cfg.n_layer)
-        if s["sae"].W_enc.shape[0] != model.cfg.n_embd:
-            raise ValueError(f"{s['folder']}: an SAE of width {s['sae'].W_enc.shape[0]}, "
-                             f"expected GPT-2's d_model {model.cfg.n_embd}")
+        if model is not None:
+            gpt2.check_layers([s["layer"]], model.cfg.n_layer)
+        if s["sae"].W_enc.shape[0] != d_model:
+            raise ValueError(f"{s['folder']}: an SAE of width {s['sae'].W_enc.shape[0]}, expected "
+                             f"{'the rows of ' + args.activations if model is None else 'GPT-2'}'s {d_model}")
         s["sae"] = s["sae"].to(args.device)
     first_pass(model, saes, args)
     n = saes[0]["n"]
     if n < args.tokens:
-        print(f"the held-out split has only {n:,} tokens (in contexts of {args.ctx}); "
+        print(f"the activation file has only {n:,} rows; evaluated on all of them, of the {args.tokens:,} asked"
+              if model is None else f"the held-out split has only {n:,} tokens (in contexts of {args.ctx}); "
               f"evaluated on {n:,} of the {args.tokens:,} asked", file=sys.stderr)
     if args.dashboard:
         for s in saes:
@@ -508,9 +579,10 @@ def main(argv=None):
     rows, files = [], []  # files: (path, text), written together at the end
     for s in saes:
         result = metrics(s)
-        result["settings"] = {"tokens_requested": args.tokens, "ctx": args.ctx, "data": args.data}
+        result["settings"] = {"tokens_requested": args.tokens, "ctx": args.ctx, "data": args.data,
+                              "activations": args.activations and os.path.abspath(args.activations)}
         files.append((os.path.join(s["folder"], "eval.json"), json.dumps(result, indent=2)))
-        rows.append([fmt.format(result[key]) for key, _, fmt in COLUMNS])
+        rows.append([s["name"]] + [fmt.format(result[key]) if key in result else "—" for key, _, fmt in COLUMNS[1:]])
         if args.dashboard:
             files.append((os.path.join(s["folder"], "dashboard.html"), dashboard_html(dashboard_data(s, model, enc))))
     for path, text in files:
@@ -522,8 +594,8 @@ def main(argv=None):
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, widths)))
     for r in rows:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
-    print(f"({n:,} held-out tokens; eval.json{' and dashboard.html' if args.dashboard else ''} "
-          f"written beside each SAE)")
+    print(f"({n:,} {'rows of ' + args.activations if model is None else 'held-out tokens'}; "
+          f"eval.json{' and dashboard.html' if args.dashboard else ''} written beside each SAE)")
     return saes
 
 

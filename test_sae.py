@@ -1528,6 +1528,77 @@ def test_eval_metrics_match_float64(tiny, tmp_path, center, apply_b_dec, arch):
     assert 0 < ref["dead"] < 96 and ref["kl"] > 1e-4  # a real test: some features dead, the splice not free
 
 
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_eval_on_an_activation_file_matches_float64(tmp_path, capsys, arch):
+    """eval.py --activations: no language model; every other metric, from the file's rows, as
+    the float64 formulas give them. An SAE trained on another model's rows (labelled 'unknown')
+    is evaluated, and a layer that contradicts the file's .json is refused."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(3000, 24, generator=g) * torch.linspace(0.2, 3, 24) + 1).numpy().astype(np.float32)
+    np.save(tmp_path / "rows.npy", x)
+    weights = random_sae_weights(24, 40, seed=5)
+    if arch == "jumprelu":
+        weights["threshold"] = 0.3 * torch.rand(40, generator=g)
+    folder = write_sae_folder(tmp_path / "blocks.5.hook_resid_pre", weights, 5, center=False, arch=arch)
+    cfg = json.load(open(folder / "cfg.json"))
+    json.dump({**cfg, "model_name": "unknown"}, open(folder / "cfg.json", "w"))
+    evaluation.main([str(folder), "--activations", str(tmp_path / "rows.npy"), "--tokens", "2500", "--batch", "3",
+                     "--ctx", "100", "--device", "cpu"])
+    got = json.load(open(folder / "eval.json"))
+    X, W = torch.from_numpy(x[:2500]).double(), {k: v.double() for k, v in weights.items()}
+    pre = (X - W["b_dec"]) @ W["W_enc"] + W["b_enc"]
+    if arch == "topk":
+        top = pre.topk(TOPK, dim=1)
+        f = torch.zeros_like(pre).scatter_(1, top.indices, torch.relu(top.values))
+    else:
+        f = torch.relu(pre) * (pre > W["threshold"] if arch == "jumprelu" else 1)
+    x_hat = f @ W["W_dec"] + W["b_dec"]
+    err, spread = (X - x_hat).pow(2).sum(1), (X - X.mean(0)).pow(2).sum(1)
+    ref = {"explained_variance": (1 - err / spread).mean().item(), "explained_variance_pooled": 1 - (err.sum() / spread.sum()).item(),
+           "mse": (X - x_hat).pow(2).mean().item(), "l1": f.sum(1).mean().item(), "l0": (f > 0).sum(1).double().mean().item(),
+           "cos": torch.nn.functional.cosine_similarity(X, x_hat, dim=1).mean().item(),
+           "norm_ratio": (x_hat.norm(dim=1) / X.norm(dim=1)).mean().item(), "dead": int((~(f > 0).any(0)).sum())}
+    for key, value in ref.items():
+        assert abs(got[key] - value) <= 1e-5 * max(1.0, abs(value)), (key, got[key], value)
+    assert got["tokens"] == 2500 and not {"ce_clean", "ce_sae", "kl"} & set(got)
+    assert got["density_histogram"]["counts"] and sum(got["density_histogram"]["counts"]) == 40
+    assert "rows.npy" in capsys.readouterr().out  # the table says what it was evaluated on
+    json.dump({"model": "gpt2", "hook_name": "blocks.9.hook_resid_pre", "layer": 9, "d": 24}, open(tmp_path / "rows.json", "w"))
+    with pytest.raises(ValueError, match="an SAE of blocks.5.hook_resid_pre, but .*rows.json says the rows are "
+                                         "blocks.9.hook_resid_pre"):
+        evaluation.main([str(folder), "--activations", str(tmp_path / "rows.npy"), "--device", "cpu"])
+
+
+def test_bloom_saes_by_name(tiny, tmp_path, server, monkeypatch, capsys):
+    """eval.py bloom:L downloads Bloom's folder (here from a local server with his paths, holding
+    a small SAE in his format) into the cache, once, and evaluates it beside ours: one row each,
+    on the same held-out tokens."""
+    weights = random_sae_weights(64, 96, seed=3)
+    theirs = write_sae_folder(tmp_path / "published" / "blocks.1.hook_resid_pre", weights, 1, center=True)
+    for name in evaluation.BLOOM_FILES[:2]:
+        server["files"][f"/jbloom/blocks.1.hook_resid_pre/{name}"] = (theirs / name).read_bytes()
+    server["files"]["/jbloom/blocks.1.hook_resid_pre/sparsity.safetensors"] = b"sparsity, unread"
+    monkeypatch.setattr(evaluation, "BLOOM_URL", server["url"] + "/jbloom")
+    ours = write_sae_folder(tmp_path / "run" / "blocks.1.hook_resid_pre", random_sae_weights(64, 96, seed=4), 1, True)
+    cache = tmp_path / "cache"
+    evaluation.main(eval_args(tiny, tmp_path / "run", "bloom:1") + ["--cache_dir", str(cache)])
+    local = cache / "bloom" / "blocks.1.hook_resid_pre"
+    assert all((local / name).read_bytes() == server["files"][f"/jbloom/blocks.1.hook_resid_pre/{name}"]
+               for name in evaluation.BLOOM_FILES)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["SAE", "layer"]
+    assert table[1].split()[0] == str(ours) and table[2].split()[0] == "bloom:1"
+    got, ref = json.load(open(local / "eval.json")), reference_metrics(tiny, weights, 1, center=True)
+    assert got["tokens"] == ref["tokens"] == json.load(open(ours / "eval.json"))["tokens"]
+    assert abs(got["explained_variance"] - ref["explained_variance"]) < 1e-5
+    requests = len(server["ranges"])
+    evaluation.main(eval_args(tiny, "bloom:1") + ["--cache_dir", str(cache)])
+    assert len(server["ranges"]) == requests  # cached: nothing fetched again
+    for bad in ("bloom:12", "bloom:x"):
+        with pytest.raises(ValueError, match=f"^{bad}: expected bloom:L with L in 0..11, or bloom:all$"):
+            evaluation.main(eval_args(tiny, bad) + ["--cache_dir", str(cache)])
+
+
 def test_eval_closed_form_cases(tiny, tmp_path):
     d = 64
     eye = torch.eye(d)
