@@ -1243,6 +1243,18 @@ def test_ci_fails_loudly_without_the_offline_vocabulary(tmp_path):
     assert len(r.stderr.splitlines()) == 1 and os.listdir(tmp_path / "clone") == [".ci"]
 
 
+def test_a_run_of_more_than_a_day_says_so_at_the_start(tiny, tmp_path, monkeypatch, capsys):
+    """As soon as the first half-buffer is filled (its rate bounds the run's length from below),
+    and again with the full estimate after three steps."""
+    signal_during_step(monkeypatch, 4, signal.SIGINT, times=1)
+    with pytest.raises(SystemExit):
+        train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", steps=10 ** 11))
+    err = capsys.readouterr().err
+    first = next(line for line in err.splitlines() if line.startswith("at that rate the activations alone take "))
+    assert first.endswith(f"for --tokens {64 * 10 ** 11:,}; {train_sae.OVER_A_DAY}")
+    assert "expected time for the remaining 99,999,999,997 steps: " in err and err.count(train_sae.OVER_A_DAY) == 2
+
+
 def test_expected_time_warns_past_a_day():
     line = train_sae.expected_time(100_000, 2.0, 0.5)  # 250,000 s
     assert line.startswith("expected time for the remaining 100,000 steps: 2.9 days (2 s a step, and 0.5 s a step "

@@ -913,6 +913,10 @@ def train(args):
         if RANK == 0:
             show(half)
             print(file=sys.stderr)
+            gpt2_s = args.tokens * (time.time() - t0) / half  # a lower bound on the run's length, known now
+            if gpt2_s > 86400:
+                print(f"at that rate the activations alone take {duration(gpt2_s)} for --tokens {args.tokens:,}; "
+                      f"{OVER_A_DAY}", file=sys.stderr)
     for j, layer in enumerate(owned):
         # Seeded by layer, so that an SAE does not depend on which other layers train beside it.
         sae = SAE(source.d, args.d_sae, args.seed * 1000 + layer, args.arch, args.k).to(args.device)
@@ -1036,10 +1040,11 @@ def expected_time(steps_left, step_s, refill_s_per_step):
     seconds = steps_left * (step_s + refill_s_per_step)
     line = (f"expected time for the remaining {steps_left:,} steps: {duration(seconds)} "
             f"({step_s:.3g} s a step, and {refill_s_per_step:.3g} s a step filling the buffer)")
-    if seconds > 86400:
-        line += ("\nthat is more than a day: for a first run, try fewer --tokens (e.g. 10_000_000) or a smaller "
-                 "--d_sae (e.g. 4096), or a GPU (--device cuda)")
-    return line
+    return line + (f"\n{OVER_A_DAY}" if seconds > 86400 else "")
+
+
+OVER_A_DAY = ("that is more than a day: for a first run, try fewer --tokens (e.g. 10_000_000) or a smaller --d_sae "
+              "(e.g. 4096), or a GPU (--device cuda)")
 
 
 def last_checkpoint_note(run):
