@@ -5,7 +5,7 @@ Evaluate SAEs on held-out tokens: the table of Bloom's Feb 2024 post, and featur
     python eval.py runs/Lall --tokens 500000
     python eval.py path/to/blocks.9.hook_resid_pre   # any SAELens-format folder (standard, topk,
                                                      # jumprelu), Bloom's included
-    python eval.py runs/L9 --dashboard               # and dashboard.html beside each SAE
+    python eval.py runs/L9 --dashboard               # and dashboard/index.html beside each SAE
 
 Every SAE is evaluated on the same held-out contexts (FineWeb's validation shard, or the
 held-out end of local token files), disjoint from the training stream. Two passes: the first
@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -38,11 +39,10 @@ p.add_argument("--ctx", type=int, default=128, help="context length, BOS include
 p.add_argument("--batch", type=int, default=32, help="contexts per forward")
 p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
 p.add_argument("--weights", default=None, help="local GPT-2 model.safetensors (default: download OpenAI's)")
-p.add_argument("--dashboard", action="store_true", help="also write dashboard.html beside each SAE")
-p.add_argument("--features", default=None, help="features for the dashboard, comma-separated (default: a sample)")
-p.add_argument("--n_features", type=int, default=20, help="random alive features in the dashboard, besides the 5 most frequent")
+p.add_argument("--dashboard", action="store_true", help="also write a dashboard/ of every feature beside each SAE")
+p.add_argument("--features", default=None, help="only these features get dashboard pages, comma-separated (default: all)")
 p.add_argument("--top", type=int, default=12, help="top-activating contexts per dashboard feature")
-p.add_argument("--seed", type=int, default=0, help="seeds the dashboard's choice of features and examples")
+p.add_argument("--seed", type=int, default=0, help="seeds the dashboard's random examples")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 p.add_argument("--cache_dir", default=None, help=f"downloads go here (default: {gpt2.default_cache_dir()})")
 p.add_argument("--activations", default=None,
@@ -258,7 +258,7 @@ def second_pass(model, saes, args):
             sums["cos"] += F.cosine_similarity(x, x_hat, dim=1).sum()
             sums["norm_ratio"] += (x_hat.norm(dim=1) / x.norm(dim=1)).sum()
             if "dash" in s:
-                collect_examples(s["dash"], idx, f.view(*idx.shape, -1), args)
+                collect_examples(s["dash"], f.view(*resid[L].shape[:2], -1), idx)  # [b, T, m]
 
 
 def token_ce(logits, target):
@@ -289,107 +289,184 @@ def metrics(s):
     }
 
 # -----------------------------------------------------------------------------
-# Dashboards: the examples, collected in the second pass, and one self-contained HTML file.
+# Dashboards: every feature's examples, collected in the second pass, and a folder of pages
+# beside each SAE: index.html (every feature's density and max) and chunk files of CHUNK features
+# each, which the page loads by a script tag the first time one of their features is opened.
 
-INTERVALS = (0.0, 0.2, 0.4, 0.6, 0.8)  # example contexts whose peak falls in (a, b] of the max
+INTERVALS = 5    # examples are also grouped by the fifth of the feature's max their peak falls in
+PER_INTERVAL = 4  # random examples kept from each interval
+WINDOW = (24, 8)  # tokens kept before and after each example's peak (fewer at the context's edges)
+BINS = 40         # the activation histogram's bins, from 0 to the feature's max
+CHUNK = 256       # features per chunk file: what opening a feature loads (about 1.5 MB)
+EMPTY = torch.finfo(torch.float32).max  # the key of an empty slot: any found example beats it, "none" (inf) never
 
 
 def parse_features(text):
-    """--features as a list of numbers (their range is checked once the SAEs are loaded)."""
+    """--features as a sorted list of numbers (their range is checked once the SAEs are loaded)."""
     try:
-        return [int(i) for i in text.split(",")]
+        return sorted({int(i) for i in text.split(",")})
     except ValueError:
         raise ValueError(f"--features {text!r}: expected comma-separated feature numbers") from None
 
 
-def choose_features(s, args):
-    if args.features:
-        return parse_features(args.features)
-    g = torch.Generator().manual_seed(args.seed)
-    alive = torch.nonzero(s["fires"].cpu() > 0).squeeze(1)
-    sample = alive[torch.randperm(len(alive), generator=g)[:args.n_features]].tolist()
-    frequent = torch.argsort(s["fires"].cpu(), descending=True)[:5].tolist()
-    return sorted(set(sample + frequent))
+def start_examples(s, args, features=None, tokens=True):
+    """s["dash"]: for every feature (or only `features`), its activation histogram and, with
+    tokens, slots for its examples: a token window around each example's peak, and the
+    feature's activations on it. collect_examples fills them in."""
+    m, dev = s["sae"].W_enc.shape[1], args.device
+    rows = m if features is None else len(features)
+    width = WINDOW[0] + 1 + WINDOW[1]
+    slots = lambda groups, n: {"key": torch.full((rows, groups, n), EMPTY, device=dev),    # lower is kept
+                               "tokens": torch.full((rows, groups, n, width), -1, dtype=torch.int32, device=dev),
+                               "acts": torch.zeros(rows, groups, n, width, device=dev)}   # tokens -1: beyond the context
+    s["dash"] = {"features": None if features is None else torch.tensor(features, device=dev),
+                 "max": s["max_act"] if features is None else s["max_act"][features],
+                 "hist": torch.zeros(rows, BINS, dtype=torch.long, device=dev),
+                 "generator": torch.Generator(dev).manual_seed(args.seed)}
+    if tokens:
+        s["dash"]["top"] = slots(1, args.top)                             # the highest peaks
+        s["dash"]["intervals"] = slots(INTERVALS, PER_INTERVAL)           # a random few from each fifth
 
 
-def start_examples(s, args):
-    k, T, dev = len(s["chosen"]), args.ctx, args.device
-    s["dash"] = {
-        "features": torch.tensor(s["chosen"], device=dev),
-        "max": s["max_act"][s["chosen"]],
-        "hist": torch.zeros(k, 40, device=dev),  # activation values, 40 bins from 0 to the max
-        # kept contexts: key [k, n] (lower is kept), token ids [k, n, T], activations [k, n, T]
-        "top": [torch.full((k, args.top), math.inf, device=dev), torch.zeros(k, args.top, T, dtype=torch.long, device=dev),
-                torch.zeros(k, args.top, T, device=dev)],
-        "intervals": [[torch.full((k, 4), math.inf, device=dev), torch.zeros(k, 4, T, dtype=torch.long, device=dev),
-                       torch.zeros(k, 4, T, device=dev)] for _ in INTERVALS],
-        "generator": torch.Generator(dev).manual_seed(args.seed),
-    }
+def keep_lowest(kept, key, ctx, pos, idx, acts):
+    """Merge candidates into kept, each row of slots keeping its lowest keys. key, ctx (the
+    candidate's context in the batch) and pos (its peak's position) are [rows, groups, c]; idx
+    [b, T] the token ids; acts [b, T, rows]. Slots are unordered, so only the candidates that get
+    in are written, and only their windows cut out: late batches, which change little, cost little."""
+    n = kept["key"].shape[2]
+    chosen = torch.zeros(*key.shape[:2], n + key.shape[2], dtype=torch.bool, device=key.device)
+    chosen.scatter_(2, torch.cat([kept["key"], key], 2).topk(n, 2, largest=False).indices, True)
+    out = (~chosen[..., :n]).nonzero(as_tuple=True)  # the slots given up, row by row
+    new = chosen[..., n:].nonzero(as_tuple=True)     # the candidates taking them: as many in each row
+    t = pos[new][:, None] + torch.arange(-WINDOW[0], WINDOW[1] + 1, device=key.device)  # [e, width] positions
+    inside = (t >= 0) & (t < idx.shape[1])
+    t, c = t.clamp(0, idx.shape[1] - 1), ctx[new][:, None]
+    kept["key"][out] = key[new]
+    kept["tokens"][out] = torch.where(inside, idx[c, t], -1).int()
+    kept["acts"][out] = torch.where(inside, acts[c, t, new[0][:, None]], 0.0)
 
 
-def keep_lowest(kept, key, idx, acts):
-    """Merge candidates (key [c, k], ids [c, T], acts [c, T, k]) into kept, keeping the lowest keys."""
-    k_key, k_ids, k_acts = kept
-    n = k_key.shape[1]
-    all_key = torch.cat([k_key, key.T], 1)                                            # [k, n + c]
-    all_ids = torch.cat([k_ids, idx[None].expand(len(k_key), -1, -1)], 1)             # [k, n + c, T]
-    all_acts = torch.cat([k_acts, acts.permute(2, 0, 1)], 1)                          # [k, n + c, T]
-    order = all_key.argsort(1)[:, :n]
-    pick = lambda t: torch.gather(t, 1, order[..., None].expand(-1, -1, t.shape[2]) if t.dim() == 3 else order)
-    kept[:] = [torch.gather(all_key, 1, order), pick(all_ids), pick(all_acts)]
+def collect_examples(dash, f, idx=None):
+    """f [b, T, m]: add every feature's nonzero activations to its histogram and, given the
+    contexts' token ids idx [b, T], offer each feature this batch's contexts with its highest
+    peaks and a random few from each interval. Beside f, it makes tensors the size of its
+    nonzero entries and of [b, m]."""
+    acts = f if dash["features"] is None else f[..., dash["features"]]        # [b, T, rows]
+    rows, scale = acts.shape[-1], dash["max"].clamp_min(1e-12)
+    flat = acts.reshape(-1)
+    hit = flat.nonzero().squeeze(1)                                          # [nonzero]: about L0 per token
+    row = hit % rows
+    bins = (flat[hit] / scale[row] * BINS).long().clamp(max=BINS - 1)
+    dash["hist"] += torch.bincount(row * BINS + bins, minlength=rows * BINS).view(rows, BINS)
+    if idx is None:
+        return  # rows of activations, not contexts: nothing to show them by
+    peak, at = acts.max(1)                                                   # [b, rows]: each context's peak, where
+    cols, found = torch.arange(rows, device=f.device), peak > 0
+    key, ctx = torch.where(found, -peak, math.inf).topk(min(dash["top"]["key"].shape[2], len(peak)), 0, largest=False)
+    keep_lowest(dash["top"], key.T[:, None], ctx.T[:, None], at[ctx, cols].T[:, None], idx, acts)  # [rows, 1, c]
+    # The interval of a context: q where its peak is in (q/5, (q+1)/5] of the max. In each, the
+    # lowest of uniform random keys, kept over all batches, are a uniform sample.
+    q = ((peak / scale * INTERVALS).ceil().long() - 1).clamp(0, INTERVALS - 1)
+    r = torch.rand(peak.shape, generator=dash["generator"], device=f.device)
+    inside = found & (q == torch.arange(INTERVALS, device=f.device)[:, None, None])         # [5, b, rows]
+    key, ctx = torch.where(inside, r, math.inf).topk(min(PER_INTERVAL, len(peak)), 1, largest=False)  # [5, c, rows]
+    keep_lowest(dash["intervals"], key.permute(2, 0, 1), ctx.permute(2, 0, 1), at[ctx, cols].permute(2, 0, 1), idx, acts)
 
 
-def collect_examples(dash, idx, f, args):
-    """f [b, T, m]: keep the top contexts of each chosen feature, random ones from each
-    activation interval, and the histogram of its activations."""
-    acts = f[..., dash["features"]].float()                                          # [b, T, k]
-    peak = acts.max(1).values                                                         # [b, k]
-    keep_lowest(dash["top"], torch.where(peak > 0, -peak, math.inf), idx, acts)      # highest peaks
-    frac = peak / dash["max"].clamp_min(1e-12)
-    for (lo, hi), kept in zip(zip(INTERVALS, INTERVALS[1:] + (1.0,)), dash["intervals"]):
-        inside = (frac > lo) & (frac <= hi) & (peak > 0)
-        key = torch.rand(peak.shape, generator=dash["generator"], device=peak.device)
-        keep_lowest(kept, torch.where(inside, key, math.inf), idx, acts)              # a uniform sample
-    scaled = (acts / dash["max"].clamp_min(1e-12) * 40).clamp(max=39.999).long()      # bin of each value
-    fired = acts > 0
-    for j in range(acts.shape[-1]):
-        dash["hist"][j] += torch.bincount(scaled[..., j][fired[..., j]], minlength=40).float()
-
-
-def dashboard_data(s, model, enc):
+def dashboard_data(s, model=None, enc=None):
+    """(index, chunks): the index page's data (every feature's density and max; the strings of
+    the tokens the examples use, most used first, which they name by number), and a generator
+    of the chunks (k, {feature: its page}), made one at a time. Without a model, no logits;
+    without token contexts collected, no examples."""
     dash, W_dec = s["dash"], s["sae"].W_dec
-    unit = W_dec / W_dec.norm(dim=1, keepdim=True)
-    tok = lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
+    m = W_dec.shape[0]
+    features = list(range(m)) if dash["features"] is None else dash["features"].tolist()
+    kept = [dash[name] for name in ("top", "intervals") if name in dash]
+    tok = (lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")) if enc else str
+    vocab, number = [], None
+    if kept:
+        ids = torch.cat([k["tokens"].flatten() for k in kept])
+        used, counts = ids[ids >= 0].long().unique(return_counts=True)
+        used = used[counts.argsort(descending=True, stable=True)]
+        number = torch.zeros(int(used.max()) + 1 if len(used) else 1, dtype=torch.long, device=used.device)
+        number[used] = torch.arange(len(used), device=used.device)          # token id -> its number in vocab
+        number = number.cpu().numpy()
+        vocab = [tok(t) for t in used.tolist()]
+    index = {"name": s["folder"], "layer": s["layer"], "tokens": s["n"], "contexts": bool(kept), "chunk": CHUNK,
+             "density": [float(f"{v:.3g}") for v in (s["fires"].double() / s["n"]).tolist()],
+             "max": [round(v, 3) for v in s["max_act"].tolist()],
+             "pages": None if dash["features"] is None else features,               # None: every feature has one
+             "vocab": vocab}
 
-    def contexts(kept, j):
-        key, ids, acts = (t[j].cpu() for t in kept)
-        return [{"tokens": [tok(t) for t in ids[i].tolist()], "acts": [round(a, 3) for a in acts[i].tolist()]}
-                for i in range(len(key)) if math.isfinite(key[i])]
+    def examples(block, c):
+        """Row c's examples in each group, best first: [token numbers, activations in thousandths
+        of the feature's max (a nonzero one at least 1)]."""
+        key, ids, q = (a[c] for a in block)
+        return [[[number[ids[g, e][ids[g, e] >= 0]].tolist(), q[g, e][ids[g, e] >= 0].tolist()]
+                 for e in np.argsort(key[g], kind="stable") if key[g, e] < EMPTY] for g in range(len(key))]
 
-    features = {}
-    for j, i in enumerate(s["chosen"]):
-        effect = W_dec[i] @ model.wte.weight.T                                        # [vocab]: W_dec[i] . W_U
-        up, down = effect.topk(10), (-effect).topk(10)
-        sims = (unit @ unit[i]).cpu()
-        sims[i] = -2
-        similar = sims.topk(8)
-        features[i] = {
-            "density": s["fires"][i].item() / s["n"], "max": s["max_act"][i].item(),
-            "hist": dash["hist"][j].tolist(),
-            "up": [[tok(t), round(v, 3)] for v, t in zip(up.values.tolist(), up.indices.tolist())],
-            "down": [[tok(t), round(-v, 3)] for v, t in zip(down.values.tolist(), down.indices.tolist())],
-            "similar": [[int(t), round(v, 3)] for v, t in zip(similar.values.tolist(), similar.indices.tolist())],
-            "top": contexts(dash["top"], j),
-            "intervals": [{"from": lo, "to": hi, "examples": contexts(kept, j)}
-                          for (lo, hi), kept in zip(zip(INTERVALS, INTERVALS[1:] + (1.0,)), dash["intervals"])],
-        }
-    return {"name": s["folder"], "layer": s["layer"], "tokens": s["n"],
-            "density": [round(v, 7) for v in (s["fires"].double() / s["n"]).tolist()],
-            "max": [round(v, 3) for v in s["max_act"].tolist()], "features": features}
+    def chunks():
+        unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        row = {i: j for j, i in enumerate(features)}                             # feature -> its row in dash
+        groups = {}
+        for i in features:
+            groups.setdefault(i // CHUNK, []).append(i)
+        for k, feats in groups.items():
+            these = torch.tensor(feats, device=W_dec.device)                     # [c] the chunk's features
+            j = torch.tensor([row[i] for i in feats], device=W_dec.device)       # [c] their rows in dash
+            sims = unit[these] @ unit.T                                          # [c, m] cosines
+            sims[torch.arange(len(feats), device=these.device), these] = -2      # not itself
+            similar = [t.tolist() for t in sims.topk(min(8, m - 1), 1)]
+            hist = dash["hist"][j].tolist()
+            if model is not None:
+                effect = W_dec[these] @ model.wte.weight.T                       # [c, vocab]: W_dec[i] . W_U
+                up, down = [t.tolist() for t in effect.topk(10, 1)], [t.tolist() for t in (-effect).topk(10, 1)]
+            if kept:  # each kept tensor's rows of this chunk, on the CPU
+                peak = dash["max"][j].clamp_min(1e-12)[:, None, None, None]
+                blocks = [(kp["key"][j].cpu().numpy(), kp["tokens"][j].cpu().numpy(),
+                           torch.where(kp["acts"][j] > 0, (kp["acts"][j] / peak * 1000).round().clamp_min(1), 0).long().cpu().numpy())
+                          for kp in kept]
+            pages = {}
+            for c, i in enumerate(feats):
+                page = {"hist": hist[c], "similar": [[t, round(v, 3)] for v, t in zip(similar[0][c], similar[1][c])]}
+                if model is not None:
+                    page["up"] = [[tok(t), round(v, 3)] for v, t in zip(up[0][c], up[1][c])]
+                    page["down"] = [[tok(t), round(-v, 3)] for v, t in zip(down[0][c], down[1][c])]
+                if kept:
+                    page["top"], page["intervals"] = examples(blocks[0], c)[0], examples(blocks[1], c)
+                pages[i] = page
+            yield k, pages
+
+    return index, chunks()
 
 
-def dashboard_html(data):
-    return DASHBOARD.replace("__DATA__", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
+def dashboard_files(s, model=None, enc=None):
+    """The dashboard folder's files, (name, text), made one at a time."""
+    index, chunks = dashboard_data(s, model, enc)
+    yield "index.html", DASHBOARD.replace("__INDEX__", json.dumps(index, separators=(",", ":")).replace("</", "<\\/"))
+    for k, pages in chunks:
+        yield f"chunk{k}.js", f"DASHBOARD_CHUNK({k}, {json.dumps(pages, separators=(',', ':'))});\n"
+
+
+def write_folder(path, files):
+    """Write files (name, text) into a fresh folder path."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    for name, text in files:
+        with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def replace(tmp, path):
+    """Put tmp, a file or a folder, in place of path: a file atomically; a folder by two renames,
+    the old one removed only once the new one is in place."""
+    if not os.path.isdir(tmp):
+        return os.replace(tmp, path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, path + ".old")
+    os.rename(tmp, path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
 
 
 DASHBOARD = r"""<!doctype html>
@@ -416,63 +493,79 @@ tr.detail td:first-child a { font-weight: bold; }
 <div id="feature"></div>
 <h2>All features</h2>
 <p><button id="prev">&larr;</button> <span id="page"></span> <button id="next">&rarr;</button>
-<span class="muted">bold: has a full dashboard; density = fraction of tokens it fires on</span></p>
+sorted by <select id="sort"><option value="id">number</option><option value="density">density</option>
+<option value="max">max activation</option></select>
+<span class="muted">bold: has a full page; density = fraction of tokens it fires on</span></p>
 <table><thead><tr><th>feature</th><th>log10 density</th><th>max activation</th></tr></thead><tbody id="index"></tbody></table>
 <script>
-const DATA = __DATA__;
-const PAGE = 100;
-let page = 0;
+// INDEX: every feature's density and max, and the strings of the tokens its examples name by
+// number. Feature i's page is in chunk{floor(i / INDEX.chunk)}.js, which calls DASHBOARD_CHUNK; it is
+// loaded by a script tag when one of its features is first opened (file:// pages may not fetch).
+const INDEX = __INDEX__;
+const CHUNKS = {};
+function DASHBOARD_CHUNK(k, pages) { CHUNKS[k] = pages; }
+const N = INDEX.density.length, PAGE = 100;
+const pages = INDEX.pages === null ? null : new Set(INDEX.pages);
+const hasPage = i => pages === null || pages.has(i);
+let page = 0, order = [...Array(N).keys()], shown = null;
 const el = (tag, attrs = {}, text = "") => { const e = document.createElement(tag); Object.assign(e, attrs); e.textContent = text; return e; };
 const log10 = d => d > 0 ? Math.log10(d).toFixed(2) : "dead";
 
 function renderIndex() {
   const body = document.getElementById("index"); body.replaceChildren();
-  const n = DATA.density.length, pages = Math.ceil(n / PAGE);
-  page = Math.max(0, Math.min(page, pages - 1));
-  for (let i = page * PAGE; i < Math.min(n, (page + 1) * PAGE); i++) {
-    const tr = el("tr", {className: DATA.features[i] ? "detail" : ""});
+  const count = Math.ceil(N / PAGE);
+  page = Math.max(0, Math.min(page, count - 1));
+  for (const i of order.slice(page * PAGE, (page + 1) * PAGE)) {
+    const tr = el("tr", {className: hasPage(i) ? "detail" : ""});
     const td = el("td"); td.append(el("a", {href: "#f=" + i}, String(i))); tr.append(td);
-    tr.append(el("td", {}, log10(DATA.density[i])), el("td", {}, DATA.max[i].toFixed(3)));
+    tr.append(el("td", {}, log10(INDEX.density[i])), el("td", {}, INDEX.max[i].toFixed(3)));
     body.append(tr);
   }
-  document.getElementById("page").textContent = `page ${page + 1} of ${pages}`;
+  document.getElementById("page").textContent = `page ${page + 1} of ${count}`;
 }
 
-function context(c, peakShade) {
-  const div = el("div", {className: "ctx"});
-  const top = Math.max(...c.acts), at = c.acts.indexOf(top);
-  const from = Math.max(0, at - 40), to = Math.min(c.tokens.length, at + 10);
-  if (from > 0) div.append(el("span", {className: "muted"}, "… "));
-  for (let t = from; t < to; t++) {
-    const a = c.acts[t], alpha = peakShade > 0 ? Math.min(1, a / peakShade) : 0;
-    const s = el("span", {className: "tok" + (t === at ? " peak" : ""), title: a.toFixed(3)}, c.tokens[t]);
-    if (a > 0) s.style.background = `rgba(255, 120, 0, ${alpha.toFixed(3)})`;
+// One example: [token numbers, activations in thousandths of the feature's max], shaded by activation.
+function context([ids, q], max) {
+  const div = el("div", {className: "ctx"}), at = q.indexOf(Math.max(...q));
+  ids.forEach((t, p) => {
+    const s = el("span", {className: "tok" + (p === at ? " peak" : ""), title: (q[p] * max / 1000).toPrecision(3)}, INDEX.vocab[t]);
+    if (q[p] > 0) s.style.background = `rgba(255, 120, 0, ${Math.min(1, q[p] / 1000).toFixed(3)})`;
     div.append(s);
-  }
+  });
   return div;
 }
 
+function load(k, then) {
+  const s = el("script", {src: `chunk${k}.js`});
+  s.onload = then;
+  s.onerror = () => { document.getElementById("note").textContent = `cannot load chunk${k}.js: it belongs beside index.html`; };
+  document.head.append(s);
+}
+
 function renderFeature(i) {
+  shown = i;
   const box = document.getElementById("feature"); box.replaceChildren();
   const note = document.getElementById("note"); note.textContent = "";
-  const n = DATA.density.length;
-  if (!(i >= 0 && i < n)) { note.textContent = `no feature ${i} (this SAE has 0..${n - 1})`; return; }
-  const f = DATA.features[i];
+  if (!(i >= 0 && i < N)) { note.textContent = `no feature ${i} (this SAE has 0..${N - 1})`; return; }
+  const max = INDEX.max[i];
   box.append(el("h2", {}, `Feature ${i}`));
-  box.append(el("p", {}, `density ${DATA.density[i].toExponential(3)} (log10 ${log10(DATA.density[i])}), max activation ${DATA.max[i].toFixed(3)}`));
-  if (!f) { note.textContent = `feature ${i} has no full dashboard: rerun with --features ${i}`; return; }
-  const cols = el("div", {className: "cols"});
+  box.append(el("p", {}, `density ${INDEX.density[i].toExponential(3)} (log10 ${log10(INDEX.density[i])}), max activation ${max.toFixed(3)}`));
+  if (!hasPage(i)) { note.textContent = `feature ${i} has no full page: rerun with --dashboard alone, or with --features ${i}`; return; }
+  const k = Math.floor(i / INDEX.chunk);
+  if (!CHUNKS[k]) { box.append(el("p", {className: "muted"}, "loading…")); load(k, () => { if (shown === i) renderFeature(i); }); return; }
+  const f = CHUNKS[k][i], cols = el("div", {className: "cols"});
   // The histogram: counts of nonzero activations, in 40 bins from 0 to the feature's max.
   const hist = el("div"); hist.append(el("h3", {}, "Activations (nonzero)"));
   const hmax = Math.max(1, ...f.hist), bars = el("div", {style: "height: 80px"});
   f.hist.forEach(c => bars.append(el("span", {className: "bar", title: String(c), style: `height: ${Math.round(80 * c / hmax)}px`})));
   const yaxis = el("div", {className: "yaxis"}); yaxis.append(el("span", {}, String(hmax)), el("span", {}, "0"));
   const xaxis = el("div", {className: "xaxis"});
-  xaxis.append(el("span", {}, "0"), el("span", {}, "activation"), el("span", {}, f.max.toFixed(3)));
+  xaxis.append(el("span", {}, "0"), el("span", {}, "activation"), el("span", {}, max.toFixed(3)));
   const plot = el("div", {className: "plot"});
   plot.append(el("div", {className: "ylabel"}, "count"), yaxis, bars, el("div"), el("div"), xaxis);
   hist.append(plot); cols.append(hist);
   for (const [name, list] of [["Raises the logits of", f.up], ["Lowers the logits of", f.down]]) {
+    if (!list) continue;  // evaluated without a language model
     const d = el("div"); d.append(el("h3", {}, name));
     list.forEach(([t, v]) => d.append(el("div", {className: "ctx"}, `${JSON.stringify(t)}  ${v}`)));
     cols.append(d);
@@ -480,29 +573,39 @@ function renderFeature(i) {
   const sim = el("div"); sim.append(el("h3", {}, "Closest decoder directions"));
   f.similar.forEach(([j, v]) => { const d = el("div"); d.append(el("a", {href: "#f=" + j}, String(j)), el("span", {}, `  cos ${v}`)); sim.append(d); });
   cols.append(sim); box.append(cols);
+  if (!f.top) { box.append(el("p", {className: "muted"}, "No token contexts: this SAE was evaluated on rows of activations.")); return; }
+  if (!f.top.length) { box.append(el("p", {className: "muted"}, "No examples: it never fired on these tokens.")); return; }
   box.append(el("h3", {}, "Top activations"));
-  f.top.forEach(c => box.append(context(c, f.max)));
-  for (const iv of f.intervals.slice().reverse()) {
-    if (!iv.examples.length) continue;
-    box.append(el("h3", {}, `Peak activation in (${iv.from}, ${iv.to}] of the max`));
-    iv.examples.forEach(c => box.append(context(c, f.max)));
-  }
+  f.top.forEach(c => box.append(context(c, max)));
+  f.intervals.forEach((examples, q) => {
+    if (!examples.length) return;
+    box.append(el("h3", {}, `Peak activation in (${q / 5}, ${(q + 1) / 5}] of the max`));
+    examples.forEach(c => box.append(context(c, max)));
+  });
 }
 
 function route() {
   const m = location.hash.match(/^#f=(\d+)$/);
-  if (m) { const i = Number(m[1]); page = Math.floor(i / PAGE); renderIndex(); renderFeature(i); }  // renderIndex clamps the page
+  if (m) { const i = Number(m[1]); page = Math.floor(order.indexOf(i) / PAGE); renderIndex(); renderFeature(i); }  // renderIndex clamps the page
 }
-const full = document.getElementById("full"), detailed = Object.keys(DATA.features);
-full.append(detailed.length ? "Full dashboards: " : "No feature has a full dashboard (rerun with --dashboard --features)");
-detailed.forEach((i, k) => { if (k) full.append(", "); full.append(el("a", {href: "#f=" + i}, i)); });
-document.getElementById("title").textContent = `${DATA.name}: layer ${DATA.layer}, ${DATA.density.length} features, ${DATA.tokens} tokens`;
+const full = document.getElementById("full");
+if (INDEX.pages === null) full.append("Every feature has a full page: pick one below, or find it by number.");
+else { full.append("Full dashboards: "); INDEX.pages.forEach((i, k) => { if (k) full.append(", "); full.append(el("a", {href: "#f=" + i}, String(i))); }); }
+document.getElementById("title").textContent =
+  `${INDEX.name}: layer ${INDEX.layer}, ${N} features, ${INDEX.tokens} ${INDEX.contexts ? "tokens" : "activation rows"}`;
 document.getElementById("prev").onclick = () => { page = Math.max(0, page - 1); renderIndex(); };
-document.getElementById("next").onclick = () => { page = Math.min(Math.ceil(DATA.density.length / PAGE) - 1, page + 1); renderIndex(); };
+document.getElementById("next").onclick = () => { page = Math.min(Math.ceil(N / PAGE) - 1, page + 1); renderIndex(); };
 document.getElementById("go").onclick = () => { location.hash = "f=" + document.getElementById("search").value; };
+document.getElementById("search").onkeydown = e => { if (e.key === "Enter") document.getElementById("go").click(); };
+document.getElementById("sort").onchange = e => {
+  const by = e.target.value;
+  order = [...Array(N).keys()];
+  if (by !== "id") order.sort((a, b) => INDEX[by][b] - INDEX[by][a]);  // largest first
+  page = 0; renderIndex();
+};
 window.addEventListener("hashchange", route);
 renderIndex();
-if (location.hash) route(); else { const first = Object.keys(DATA.features)[0]; if (first !== undefined) renderFeature(Number(first)); }
+if (location.hash) route(); else renderFeature(INDEX.pages === null ? 0 : INDEX.pages[0]);
 </script></body></html>
 """
 
@@ -525,8 +628,6 @@ def main(argv=None):
         if getattr(args, flag) < (2 if flag == "ctx" else 1):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     gpt2.check_device(args.device)
-    if args.dashboard and args.activations:
-        raise ValueError("--dashboard with --activations: dashboards need token contexts for now; evaluate without --dashboard")
     features = parse_features(args.features) if args.features else []
     if args.weights is not None:
         gpt2.check_weights_path(args.weights)
@@ -573,8 +674,7 @@ def main(argv=None):
               f"evaluated on {n:,} of the {args.tokens:,} asked", file=sys.stderr)
     if args.dashboard:
         for s in saes:
-            s["chosen"] = choose_features(s, args)
-            start_examples(s, args)
+            start_examples(s, args, features or None, tokens=model is not None)
     second_pass(model, saes, args)
     rows, files = [], []  # files: (path, text), written together at the end
     for s in saes:
@@ -583,19 +683,28 @@ def main(argv=None):
                               "activations": args.activations and os.path.abspath(args.activations)}
         files.append((os.path.join(s["folder"], "eval.json"), json.dumps(result, indent=2)))
         rows.append([s["name"]] + [fmt.format(result[key]) if key in result else "—" for key, _, fmt in COLUMNS[1:]])
-        if args.dashboard:
-            files.append((os.path.join(s["folder"], "dashboard.html"), dashboard_html(dashboard_data(s, model, enc))))
+    # Each dashboard goes to dashboard.tmp/ now, in place of dashboard/ with the other files below.
+    dashboards = [os.path.join(s["folder"], "dashboard") for s in saes] if args.dashboard else []
+    try:
+        for s, path in zip(saes, dashboards):
+            write_folder(path + ".tmp", dashboard_files(s, model, enc))
+    except BaseException:
+        for path in dashboards:
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+        raise
+    files += [(path, None) for path in dashboards]  # None: written already, to path.tmp
     for path, text in files:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)  # atomic: an interrupted run leaves the old file whole
+        if text is not None:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(text)
+        replace(path + ".tmp", path)  # an interrupted run leaves the old file or folder whole
         written.append(path)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (_, h, _) in enumerate(COLUMNS)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, widths)))
     for r in rows:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
     print(f"({n:,} {'rows of ' + args.activations if model is None else 'held-out tokens'}; "
-          f"eval.json{' and dashboard.html' if args.dashboard else ''} written beside each SAE)")
+          f"eval.json{' and dashboard/' if args.dashboard else ''} written beside each SAE)")
     return saes
 
 

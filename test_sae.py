@@ -1186,7 +1186,8 @@ def test_saved_activations_say_what_they_are_and_label_the_sae(tiny, tmp_path, c
     with pytest.raises(ValueError) as e:
         evaluation.main([str(tmp_path / "bare"), "--weights", weights, "--data", tokens, "--ctx", "16"])
     assert str(e.value) == (f"{tmp_path / 'bare' / 'blocks.5.hook_resid_pre'}: an SAE of 'unknown' activations "
-                            f"(cfg.json model_name), expected gpt2: eval.py splices SAEs into GPT-2")
+                            f"(cfg.json model_name), expected gpt2: eval.py splices SAEs into GPT-2; evaluate it on its "
+                            f"activations with --activations")
 
 
 def test_force_leaves_only_the_new_run(tiny, tmp_path, capsys):
@@ -1507,7 +1508,8 @@ def reference_metrics(tiny, weights, layer, center, apply_b_dec=True, arch="stan
             "alive_pct": 100 * (f > 0).any(0).double().mean().item(), "dead": int((~(f > 0).any(0)).sum()),
             "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero,
             "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean), "kl": kl, "tokens": idx.numel(),
-            "largest": f.max(0).values}  # each feature's largest activation, as the dashboard's index lists
+            "largest": f.max(0).values,  # each feature's largest activation, as the dashboard's index lists
+            "acts": f.view(*idx.shape, -1), "idx": idx}  # for the dashboard's examples
 
 
 def random_sae_weights(d, m, seed):
@@ -1528,8 +1530,9 @@ def test_eval_metrics_match_float64(tiny, tmp_path, center, apply_b_dec, arch):
     evaluation.main(eval_args(tiny, folder) + ["--dashboard"])
     got = json.load(open(folder / "eval.json"))
     ref = reference_metrics(tiny, weights, 2, center, apply_b_dec, arch)
-    largest = dashboard_data(folder)["max"]                                   # rounded to 3 decimals
+    largest = read_dashboard(folder)[0]["max"]                                # rounded to 3 decimals
     assert max(abs(a - b) for a, b in zip(largest, ref.pop("largest").tolist())) < 1e-3
+    check_examples(folder, ref.pop("acts"), ref.pop("idx"))
     assert got["tokens"] == ref["tokens"] and got["dead"] == ref["dead"] and got["centered_input"] == center
     # CE recovered divides by CE_zero - CE_clean, a few thousandths on a random model, so its
     # float32 error is amplified: its parts are checked against float64, the ratio against them.
@@ -1663,26 +1666,128 @@ def planted(tiny, tmp_path_factory):
     return str(folder / "model.safetensors"), str(folder / "tokens.bin"), folder / "blocks.0.hook_resid_pre"
 
 
-def dashboard_data(folder):
-    html = open(folder / "dashboard.html", encoding="utf-8").read()
-    start = html.index("const DATA = ") + len("const DATA = ")
-    return json.loads(html[start:html.index(";\n", start)])
+def read_dashboard(folder):
+    """folder/dashboard/: the index (index.html's INDEX) and every feature's page from the chunk files."""
+    html = (folder / "dashboard" / "index.html").read_text(encoding="utf-8")
+    start = html.index("const INDEX = ") + len("const INDEX = ")
+    index, pages = json.loads(html[start:html.index(";\n", start)]), {}
+    for path in (folder / "dashboard").glob("chunk*.js"):
+        k, text = int(path.stem[len("chunk"):]), path.read_text(encoding="utf-8")
+        head = f"DASHBOARD_CHUNK({k}, "
+        assert text.startswith(head) and text.endswith(");\n"), path
+        chunk = {int(i): page for i, page in json.loads(text[len(head):-3]).items()}
+        assert chunk and all(i // index["chunk"] == k for i in chunk), path
+        pages.update(chunk)
+    return index, pages
+
+
+def check_examples(folder, acts, idx, top=12):
+    """The dashboard of every feature against its activations acts [n, T, m] on the held-out
+    contexts idx [n, T]: the histogram counts its nonzero activations; the top examples are token
+    windows (24 before the peak, 8 after) of the contexts with the highest peaks, best first, with
+    its activations in thousandths of its max; each fifth holds min(4, contexts there) examples."""
+    index, pages = read_dashboard(folder)
+    enc, (_, T, m) = gpt2.tokenizer(), acts.shape
+    tok = lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
+    peak, at = acts.max(1)                                                                   # [n, m]
+    assert sorted(pages) == list(range(m)) and index["pages"] is None
+    for i, page in pages.items():
+        assert abs(sum(page["hist"]) - int((acts[..., i] > 0).sum())) <= 2  # float32 against float64 at 0
+        best = [c for c in peak[:, i].argsort(descending=True)[:top].tolist() if peak[c, i] > 0]
+        assert len(page["top"]) == len(best), i
+        for (ids, q), c in zip(page["top"], best):
+            lo, hi = max(0, at[c, i] - 24), min(T, at[c, i] + 9)
+            assert [index["vocab"][t] for t in ids] == [tok(t) for t in idx[c, lo:hi].tolist()], (i, c)
+            assert max(abs(a - b) for a, b in zip(q, (acts[c, lo:hi, i] / peak[:, i].max() * 1000).tolist())) < 1
+        frac = peak[:, i] / peak[:, i].max()
+        for g, examples in enumerate(page["intervals"]):
+            inside = (frac > g / 5) & (frac <= (g + 1) / 5)
+            assert len(examples) == min(4, int(inside.sum())), (i, g)
+            assert all(g * 200 - 2 <= max(q) <= (g + 1) * 200 + 2 for _, q in examples)
+
+
+def planted_dashboard(planted):
+    """The planted SAE's dashboard, made once: every feature, in chunks of 8 (4 chunk files)."""
+    weights, tokens, folder = planted
+    if not (folder / "dashboard").exists():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(evaluation, "CHUNK", 8)
+            evaluation.main([str(folder), "--weights", weights, "--data", tokens, "--ctx", "16", "--tokens", "100000",
+                             "--device", "cpu", "--dashboard", "--top", "6"])
+    return read_dashboard(folder)
 
 
 def test_dashboard_shows_a_planted_feature(planted):
-    weights, tokens, folder = planted
-    evaluation.main([str(folder), "--weights", weights, "--data", tokens, "--ctx", "16", "--tokens", "100000",
-                     "--device", "cpu", "--dashboard", "--features", "5,6", "--top", "6"])
-    data = dashboard_data(folder)
-    assert sorted(data["features"]) == ["5", "6"] and len(data["density"]) == 32
-    f5 = data["features"]["5"]
-    assert 0.03 < f5["density"] < 0.08 and len(f5["top"]) == 6  # fires on the planted token only
-    for c in f5["top"] + [e for iv in f5["intervals"] for e in iv["examples"]]:
-        peak = max(range(len(c["acts"])), key=c["acts"].__getitem__)
-        assert c["tokens"][peak] == " hello" and c["acts"][peak] > 0
-        assert all(a == 0 for t, a in zip(c["tokens"], c["acts"]) if t != " hello")
-    assert sum(f5["hist"]) == pytest.approx(f5["density"] * data["tokens"])
-    assert [s for s, _ in f5["similar"]] and len(f5["up"]) == len(f5["down"]) == 10
+    folder = planted[2]
+    index, pages = planted_dashboard(planted)
+    assert sorted(p.name for p in (folder / "dashboard").iterdir()) == ["chunk0.js", "chunk1.js", "chunk2.js", "chunk3.js", "index.html"]
+    assert sorted(pages) == list(range(32)) and len(index["density"]) == len(index["max"]) == 32
+    assert not (folder / "dashboard.tmp").exists() and not (folder / "dashboard.html").exists()
+    f5, vocab = pages[5], index["vocab"]
+    assert 0.03 < index["density"][5] < 0.08 and len(f5["top"]) == 6  # fires on the planted token only
+    for ids, q in f5["top"] + [e for fifth in f5["intervals"] for e in fifth]:
+        tokens = [vocab[t] for t in ids]
+        peak = max(range(len(q)), key=q.__getitem__)
+        assert tokens[peak] == " hello" and q[peak] > 0 and len(ids) == len(q) <= 16  # a window of a 16-token context
+        assert all(a == 0 for t, a in zip(tokens, q) if t != " hello")
+    assert sum(f5["hist"]) == pytest.approx(index["density"][5] * index["tokens"], rel=1e-3)  # density: 3 digits
+    assert len(f5["similar"]) == 8 and len(f5["up"]) == len(f5["down"]) == 10
+
+
+def test_dashboard_of_chosen_features_replaces_the_old_one(planted, tmp_path):
+    """--features: only those features get pages (one chunk file), the index lists every feature,
+    and the new folder replaces the old one whole."""
+    weights, tokens, planted_folder = planted
+    folder = tmp_path / "blocks.0.hook_resid_pre"
+    folder.mkdir()
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        shutil.copy(planted_folder / name, folder / name)
+    (folder / "dashboard").mkdir()
+    (folder / "dashboard" / "chunk9.js").write_text("stale")
+    evaluation.main([str(folder), "--weights", weights, "--data", tokens, "--ctx", "16", "--tokens", "20000",
+                     "--device", "cpu", "--dashboard", "--features", "6,5"])
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "dashboard", "eval.json", "sae_weights.safetensors"]
+    assert sorted(p.name for p in (folder / "dashboard").iterdir()) == ["chunk0.js", "index.html"]
+    index, pages = read_dashboard(folder)
+    assert index["pages"] == [5, 6] and sorted(pages) == [5, 6] and len(index["density"]) == 32
+
+
+def test_dashboard_examples_match_a_search_of_all_contexts_at_once(tmp_path):
+    """collect_examples, six contexts at a time, keeps what check_examples finds over all 40 at
+    once, for all 50 features; in 64-token contexts the windows are cut at both edges."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.relu(torch.randn(40, 64, 50, generator=g) - 2)                   # [n, T, m], sparse
+    idx = torch.randint(0, 50257, (40, 64), generator=g)
+    s = {"folder": "random", "layer": 0, "sae": train_sae.SAE(8, 50), "n": acts[..., 0].numel(),
+         "fires": (acts > 0).sum((0, 1)), "max_act": acts.amax((0, 1))}
+    evaluation.start_examples(s, evaluation.p.parse_args(["random", "--device", "cpu", "--top", "5"]))
+    for b in range(0, 40, 6):
+        evaluation.collect_examples(s["dash"], acts[b:b + 6], idx[b:b + 6])
+    evaluation.write_folder(str(tmp_path / "dashboard"), evaluation.dashboard_files(s, enc=gpt2.tokenizer()))
+    check_examples(tmp_path, acts, idx, top=5)
+    assert {len(ids) for ids, _ in read_dashboard(tmp_path)[1][0]["top"]} >= {33}  # a whole window, inside the context
+
+
+def rows_dashboard(path):
+    """A dashboard of a 32-feature SAE collected from rows of activations, as --activations
+    gives them: no token contexts and no language model. Returns the activations [rows, m]."""
+    sae = train_sae.SAE(64, 32).eval()
+    with torch.no_grad():
+        f = sae(torch.randn(500, 64, generator=torch.Generator().manual_seed(0)))[1]
+    s = {"folder": "rows", "layer": 3, "sae": sae, "n": len(f), "fires": (f > 0).sum(0), "max_act": f.max(0).values}
+    evaluation.start_examples(s, evaluation.p.parse_args(["rows", "--device", "cpu"]), tokens=False)
+    evaluation.collect_examples(s["dash"], f[None])                             # [1, rows, m], no token ids
+    evaluation.write_folder(str(path), evaluation.dashboard_files(s))          # no model, no tokenizer
+    return f
+
+
+def test_dashboard_without_token_contexts(tmp_path):
+    f = rows_dashboard(tmp_path / "dashboard")
+    index, pages = read_dashboard(tmp_path)
+    assert sorted(pages) == list(range(32)) and index["vocab"] == [] and not index["contexts"]
+    for i, page in pages.items():
+        assert sorted(page) == ["hist", "similar"] and len(page["similar"]) == 8 and i not in dict(page["similar"])
+        assert sum(page["hist"]) == int((f[:, i] > 0).sum()) and page["hist"][-1] > 0  # the max is in the last bin
 
 
 def chromium():
@@ -1696,36 +1801,52 @@ def chromium():
 
 
 def test_dashboard_opens_in_a_browser_without_errors(planted, tmp_path):
-    """Headless Chromium renders the page (the JavaScript builds the DOM), with no console message."""
+    """Headless Chromium renders the pages from file:// (the JavaScript builds the DOM, and loads a
+    feature's chunk file when it is opened), with no console message."""
     browser = chromium()
-    _, _, folder = planted
-    if not (folder / "dashboard.html").exists():
-        test_dashboard_shows_a_planted_feature(planted)
-    url = (folder / "dashboard.html").as_uri()
+    index, pages = planted_dashboard(planted)
+    shutil.copytree(planted[2] / "dashboard", tmp_path / "dashboard")
+    # A copy of the page that types 17 into the search box and clicks "show".
+    html = (tmp_path / "dashboard" / "index.html").read_text(encoding="utf-8")
+    search = '<script>document.getElementById("search").value = "17"; document.getElementById("go").click();</script>'
+    (tmp_path / "dashboard" / "search.html").write_text(html.replace("</body>", search + "</body>"), encoding="utf-8")
+    rows_dashboard(tmp_path / "rows")
 
-    def render(fragment):
+    def render(page, fragment=""):
         r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
                             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-                            "--virtual-time-budget=5000", "--dump-dom", url + fragment],
+                            "--virtual-time-budget=5000", "--dump-dom", (tmp_path / page).as_uri() + fragment],
                            capture_output=True, text=True, timeout=120)
         console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
         assert r.returncode == 0 and not console, console or r.stderr[-2000:]
         return r.stdout
 
-    dom = render("#f=5")
-    assert "<h2>Feature 5</h2>" in dom and 'class="tok peak"' in dom
-    peaks = dom.split('class="tok peak"')[1:]
-    assert peaks and all(p.split(">", 1)[1].startswith(" hello<") for p in peaks)  # the peak token of every example
+    def shows(dom, i):  # feature i's page, with every example it has
+        examples = len(pages[i]["top"]) + sum(map(len, pages[i]["intervals"]))
+        assert f"<h2>Feature {i}</h2>" in dom and examples > 0 and dom.count('class="tok peak"') == examples, i
+
+    # Features 0, 5 (the planted one), 17 (found by the search box) and 31, in chunks 0, 0, 2 and 3.
+    dom = render("dashboard/index.html", "#f=0")
+    shows(dom, 0)
     assert dom.count("<tr") == 1 + 32 and "page 1 of 1" in dom  # the index: a header and one row per feature
-    # Links to the features with full pages; the histogram's axes: count, and activation from 0 to the max.
-    assert '<p id="full">Full dashboards: <a href="#f=5">5</a>, <a href="#f=6">6</a></p>' in dom
-    f5 = dashboard_data(folder)["features"]["5"]
-    assert '<div class="ylabel">count</div>' in dom and f'<span>{int(max(f5["hist"]))}</span><span>0</span>' in dom
-    assert f'<span>0</span><span>activation</span><span>{f5["max"]:.3f}</span>' in dom
+    assert "Every feature has a full page" in dom and all(f'<a href="#f={i}">{i}</a>' in dom for i in range(32))
+    dom = render("dashboard/index.html", "#f=5")
+    shows(dom, 5)
+    peaks = dom.split('class="tok peak"')[1:]
+    assert all(p.split(">", 1)[1].startswith(" hello<") for p in peaks)  # the peak token of every example
+    # The histogram's axes: count, and activation from 0 to the max.
+    assert '<div class="ylabel">count</div>' in dom and f'<span>{max(pages[5]["hist"])}</span><span>0</span>' in dom
+    assert f'<span>0</span><span>activation</span><span>{index["max"][5]:.3f}</span>' in dom
+    shows(render("dashboard/search.html"), 17)
+    shows(render("dashboard/index.html", "#f=31"), 31)
     # A feature beyond the SAE: said so, and the index stays on a real page.
-    dom = render("#f=5000")
+    dom = render("dashboard/index.html", "#f=5000")
     assert "no feature 5000 (this SAE has 0..31)" in dom and "page 1 of 1" in dom and dom.count("<tr") == 1 + 32
+    # Without token contexts or a language model: the histogram and the closest directions only.
+    dom = render("rows/index.html", "#f=3")
+    assert "<h2>Feature 3</h2>" in dom and "No token contexts" in dom and "Closest decoder directions" in dom
+    assert "<h3>Raises the logits" not in dom and '<div class="ylabel">count</div>' in dom
 
 # -----------------------------------------------------------------------------
 # Several processes: real process groups (gloo) on 127.0.0.1, two ranks.
