@@ -1582,7 +1582,7 @@ def test_eval_on_an_activation_file_matches_float64(tmp_path, capsys, arch):
     cfg = json.load(open(folder / "cfg.json"))
     json.dump({**cfg, "model_name": "unknown"}, open(folder / "cfg.json", "w"))
     evaluation.main([str(folder), "--activations", str(tmp_path / "rows.npy"), "--tokens", "2500", "--batch", "3",
-                     "--ctx", "100", "--device", "cpu"])
+                     "--ctx", "100", "--device", "cpu", "--dashboard"])
     got = json.load(open(folder / "eval.json"))
     X, W = torch.from_numpy(x[:2500]).double(), {k: v.double() for k, v in weights.items()}
     pre = (X - W["b_dec"]) @ W["W_enc"] + W["b_enc"]
@@ -1601,6 +1601,10 @@ def test_eval_on_an_activation_file_matches_float64(tmp_path, capsys, arch):
         assert abs(got[key] - value) <= 1e-5 * max(1.0, abs(value)), (key, got[key], value)
     assert got["tokens"] == 2500 and not {"ce_clean", "ce_sae", "kl"} & set(got)
     assert got["density_histogram"]["counts"] and sum(got["density_histogram"]["counts"]) == 40
+    index, pages = read_dashboard(folder)  # every feature's page: no contexts, no logits, without tokens
+    assert sorted(pages) == list(range(40)) and index["vocab"] == []
+    for i, page in pages.items():
+        assert sorted(page) == ["hist", "similar"] and sum(page["hist"]) == int((f[:, i] > 0).sum()), i
     assert "rows.npy" in capsys.readouterr().out  # the table says what it was evaluated on
     json.dump({"model": "gpt2", "hook_name": "blocks.9.hook_resid_pre", "layer": 9, "d": 24}, open(tmp_path / "rows.json", "w"))
     with pytest.raises(ValueError, match="an SAE of blocks.5.hook_resid_pre, but .*rows.json says the rows are "
