@@ -93,9 +93,9 @@ def find_sae_folders(paths, cache_dir=None):
     return folders
 
 
-def load_sae(folder, d_model=None):
+def load_sae(folder, d_model=None, gpt2_only=False):
     """(SAE, its layer, whether it reads centred residuals) from a SAELens-format folder. With
-    d_model, the SAE must read residuals of that width."""
+    d_model, the SAE must read residuals of that width; with gpt2_only, GPT-2's residuals."""
     path = os.path.join(folder, "cfg.json")
     try:
         with open(path) as f:
@@ -104,6 +104,10 @@ def load_sae(folder, d_model=None):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: a JSON {type(cfg).__name__}, expected an object of settings")
+    model_name = cfg.get("model_name", "gpt2")
+    if gpt2_only and model_name not in ("gpt2", "gpt2-small"):  # ours say gpt2, Bloom's gpt2-small
+        raise ValueError(f"{folder}: an SAE of {model_name!r} activations (cfg.json model_name), expected gpt2: "
+                         f"eval.py splices SAEs into GPT-2; evaluate it on its activations with --activations")
     if cfg.get("normalize_activations", "none") != "none":
         raise ValueError(f"{folder}: cfg.json has normalize_activations {cfg['normalize_activations']!r}, expected 'none'")
     # SAELens 6 names the architecture; older folders say topk through activation_fn_str.
@@ -638,12 +642,7 @@ def main(argv=None):
     about = train_sae.read_about(args.activations) if args.activations else None  # what the rows are, if known
     saes = []
     for name, folder in find_sae_folders(args.folders, args.cache_dir):
-        sae, layer, center = load_sae(folder)
-        with open(os.path.join(folder, "cfg.json")) as f:
-            model_name = json.load(f).get("model_name", "gpt2")
-        if model_name not in ("gpt2", "gpt2-small") and not args.activations:  # ours say gpt2, Bloom's gpt2-small
-            raise ValueError(f"{folder}: an SAE of {model_name!r} activations (cfg.json model_name), expected gpt2: "
-                             f"eval.py splices SAEs into GPT-2; evaluate it on its activations with --activations")
+        sae, layer, center = load_sae(folder, gpt2_only=not args.activations)
         if about and about["layer"] != layer:
             raise ValueError(f"{folder}: an SAE of {train_sae.hook_name(layer)}, but {train_sae.about_path(args.activations)} "
                              f"says the rows are {about['hook_name']}")

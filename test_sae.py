@@ -1452,25 +1452,38 @@ def test_the_gpu_check_passes_under_the_interpreter(capsys):
     assert capsys.readouterr().out.count("FAIL") == 2  # the kernel, and check_sparse through it
 
 
-def test_training_steps_triton_equal_torch():
-    args = train_sae.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
+def steps_with_each_kernels(args, make_sae, n_dead, batch, steps):
+    """{impl: (Trainee, last record)} after `steps` train_steps with --kernels torch and triton,
+    on the same batches, from the same SAE with its first n_dead features dead from the start."""
     runs = {}
     for impl in ("torch", "triton"):
         args.kernels = impl
-        sae = random_sae(d=48, m=200)
+        sae = make_sae()
         with torch.no_grad():
-            sae.b_enc[:50] = -20  # dead from the start, so ghost grads join in after two steps
+            sae.b_enc[:n_dead] = -20
         t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
         g = torch.Generator().manual_seed(0)
-        for step in range(5):
-            record = train_sae.train_step(t, torch.randn(96, 48, generator=g) + 1, step, args,
+        for step in range(steps):
+            record = train_sae.train_step(t, torch.randn(batch, sae.b_dec.shape[0], generator=g) + 1, step, args,
                                           lambda: torch.autocast("cpu", enabled=False), True)
         runs[impl] = t, record
+    return runs
+
+
+def assert_same_training(runs, keys):
     (a, ra), (b, rb) = runs["torch"], runs["triton"]
-    assert rb["ghost"] > 0 and torch.equal(a.since_fired, b.since_fired) and torch.equal(a.fires, b.fires)
+    assert torch.equal(a.since_fired, b.since_fired) and torch.equal(a.fires, b.fires)
     for name, param in a.sae.named_parameters():
         assert close(b.sae.get_parameter(name).detach(), param.detach().double(), 1e-5), name
-    assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in ("mse", "l1", "ghost", "l0"))
+    assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in keys)
+
+
+def test_training_steps_triton_equal_torch():
+    args = train_sae.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
+    # 50 dead from the start, so ghost grads join in after two steps
+    runs = steps_with_each_kernels(args, lambda: random_sae(d=48, m=200), n_dead=50, batch=96, steps=5)
+    assert runs["triton"][1]["ghost"] > 0
+    assert_same_training(runs, ("mse", "l1", "ghost", "l0"))
 
 # -----------------------------------------------------------------------------
 # Evaluation (eval.py)
@@ -2161,23 +2174,9 @@ def test_topk_training_steps_triton_equal_torch():
     """train_step hands --kernels to the TopK step: three steps, the third with AuxK."""
     args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--k_aux", "8", "--d_sae", "40", "--lr", "1e-3",
                                    "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
-    runs = {}
-    for impl in ("torch", "triton"):
-        args.kernels = impl
-        sae = random_sae()
-        with torch.no_grad():
-            sae.b_enc[:10] = -20  # dead from the start
-        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
-        g = torch.Generator().manual_seed(0)
-        for step in range(3):
-            record = train_sae.train_step(t, torch.randn(32, 12, generator=g) + 1, step, args,
-                                          lambda: torch.autocast("cpu", enabled=False), True)
-        runs[impl] = t, record
-    (a, ra), (b, rb) = runs["torch"], runs["triton"]
-    assert rb["auxk"] > 0 and torch.equal(a.since_fired, b.since_fired) and torch.equal(a.fires, b.fires)
-    for name, param in a.sae.named_parameters():
-        assert close(b.sae.get_parameter(name).detach(), param.detach().double(), 1e-5), name
-    assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in ("mse", "auxk", "l0"))
+    runs = steps_with_each_kernels(args, random_sae, n_dead=10, batch=32, steps=3)
+    assert runs["triton"][1]["auxk"] > 0
+    assert_same_training(runs, ("mse", "auxk", "l0"))
 
 
 def test_sparse_self_check(monkeypatch):

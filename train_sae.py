@@ -969,7 +969,7 @@ def run_steps(args, trainees, source, kept, served, gen, step, stop, autocast, s
     steps_per_checkpoint = max(1, args.checkpoint_every // args.batch)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if RANK == 0 else None
     last_checkpoint, t0, step0 = step, time.time(), step
-    clock = {"refill": None, "steps": 0, "step_s": 0.0}  # for the early estimate of the run's length
+    refill_s, step_s = None, []  # the first refill's and steps' times: the early estimate of the run's length
     while step < total:
         if served is None or len(served) < args.batch:
             # Routine checkpoints happen here, between refills, where the state is smallest:
@@ -983,7 +983,7 @@ def run_steps(args, trainees, source, kept, served, gen, step, stop, autocast, s
             mixed = torch.cat([kept, source.next(half)])                           # [2 half, layers, d]
             mixed = mixed[torch.randperm(len(mixed), generator=gen, device=args.device)]
             kept, served = mixed[:half], mixed[half:][:per_half * args.batch]
-            clock["refill"] = clock["refill"] or time.time() - tick
+            refill_s = refill_s or time.time() - tick
             if args.resample:
                 for j, t in enumerate(trainees):
                     resample_dead(t, served[:16384, j] * t.scale, args, step)
@@ -994,10 +994,10 @@ def run_steps(args, trainees, source, kept, served, gen, step, stop, autocast, s
         tick = time.time()
         records = [train_step(t, x[:, j], step, args, autocast, logging, shared) for j, t in enumerate(trainees)]
         step += 1
-        if RANK == 0 and clock["refill"] is not None and clock["steps"] < 3:  # three steps tell the run's length
-            clock["steps"], clock["step_s"] = clock["steps"] + 1, clock["step_s"] + timed(tick, args.device)
-            if clock["steps"] == 3 and step < total:
-                print(expected_time(total - step, clock["step_s"] / 3, clock["refill"] / per_half), file=sys.stderr)
+        if RANK == 0 and refill_s is not None and len(step_s) < 3:  # three steps tell the run's length
+            step_s.append(timed(tick, args.device))
+            if len(step_s) == 3 and step < total:
+                print(expected_time(total - step, sum(step_s) / 3, refill_s / per_half), file=sys.stderr)
         if logging:
             report(gather_records(trainees, records, args), step, total, args, time.time() - t0, step - step0, log)
         if any_rank(stop, args.device) and step < total:  # a signal: stop here, keeping what is left unserved
