@@ -37,11 +37,13 @@ import time
 
 import torch
 
+import data
 import gpt2
+import runs
 import train_sae
 
 SECTIONS = ("gpt2", "step", "train", "precision", "ranks", "realacts")  # described in the docstring above
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=gpt2.HelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=runs.HelpFormatter)
 p.add_argument("--layer", type=int, default=9, help="residual to stop at (blocks.L.hook_resid_pre)")
 p.add_argument("--ctx", type=int, default=128, help="context length")
 p.add_argument("--gpu_batch", type=int, default=512, help="contexts per forward on CUDA")
@@ -310,7 +312,7 @@ def cuda_train():
     with tempfile.TemporaryDirectory() as tmp:
         model = gpt2.GPT(gpt2.GPTConfig())
         save_published(model, f"{tmp}/gpt2.safetensors")
-        gpt2.write_shard(f"{tmp}/tokens.bin", np.random.default_rng(0).integers(0, 50257, 20_000_000).astype(np.uint16))
+        data.write_shard(f"{tmp}/tokens.bin", np.random.default_rng(0).integers(0, 50257, 20_000_000).astype(np.uint16))
         common = ["--weights", f"{tmp}/gpt2.safetensors", "--data", f"{tmp}/tokens.bin", "--log_every", "50",
                   "--checkpoint_every", str(10 ** 12), "--lr_warmup", "100"]
         peak = bf16_peak()
@@ -392,7 +394,7 @@ def cuda_ranks():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         save_published(gpt2.GPT(gpt2.GPTConfig()), f"{tmp}/gpt2.safetensors")
-        gpt2.write_shard(f"{tmp}/tokens.bin", np.random.default_rng(0).integers(0, 50257, 40_000_000).astype(np.uint16))
+        data.write_shard(f"{tmp}/tokens.bin", np.random.default_rng(0).integers(0, 50257, 40_000_000).astype(np.uint16))
         for layer, tokens in (("all", 4096 * 150), ("9", 4096 * 400)):
             for ranks in sorted({1, 2, 4, torch.cuda.device_count()}):
                 if ranks > torch.cuda.device_count():
@@ -453,7 +455,7 @@ def load_realacts_sae(path, d):
     if os.path.isdir(path):
         import eval as evaluation
         return evaluation.load_sae(path, d)[0]
-    w = gpt2.load_safetensors(path)
+    w = data.load_safetensors(path)
     sae = train_sae.SAE(d, w["b_enc"].shape[0])
     sae.load_state_dict(w)
     return sae

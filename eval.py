@@ -11,14 +11,13 @@ Every SAE is evaluated on the same held-out contexts (FineWeb's validation shard
 held-out end of local token files), disjoint from the training stream. Two passes: the first
 finds the mean residual x_bar of the evaluation set and each feature's firing count and largest
 activation; the second computes the metrics, with the SAE spliced into GPT-2, and collects the
-dashboards' examples. The formulas are in the README.
+dashboards' examples (dashboard.py). The metrics' formulas are in the README.
 """
 
 import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -26,28 +25,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import dashboard
+import data
 import gpt2
-import train_sae
+import runs
+from train_sae import SAE
 
-p = argparse.ArgumentParser(description="Evaluate SAEs on GPT-2 small's residual stream.",
-                            formatter_class=gpt2.HelpFormatter)
+p = argparse.ArgumentParser(description="Evaluate SAEs on GPT-2 small's residual stream.", formatter_class=runs.HelpFormatter)
 p.add_argument("folders", nargs="+",
                help="run folders (holding blocks.L.hook_resid_pre/), SAE folders, or bloom:L / bloom:all for Bloom's "
                     "published SAEs (downloaded once into the cache)")
 p.add_argument("--tokens", type=int, default=2_000_000, help="held-out tokens to evaluate on")
-p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
 p.add_argument("--batch", type=int, default=32, help="contexts per forward")
-p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
-p.add_argument("--weights", default=None, help="local GPT-2 model.safetensors (default: download OpenAI's)")
+runs.add_input_flags(p)  # --data, --weights, --cache_dir, --device, --ctx
+p.add_argument("--activations", default=None,
+               help="evaluate on the rows of this activation file [N, d] (.npy or .safetensors) instead of GPT-2's "
+                    "residuals: every metric that needs no language model")
 p.add_argument("--dashboard", action="store_true", help="also write a dashboard/ of every feature beside each SAE")
 p.add_argument("--features", default=None, help="only these features get dashboard pages, comma-separated (default: all)")
 p.add_argument("--top", type=int, default=12, help="top-activating contexts per dashboard feature")
 p.add_argument("--seed", type=int, default=0, help="seeds the dashboard's random examples")
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-p.add_argument("--cache_dir", default=None, help=f"downloads go here (default: {gpt2.default_cache_dir()})")
-p.add_argument("--activations", default=None,
-               help="evaluate on the rows of this activation file [N, d] (.npy or .safetensors) instead of GPT-2's "
-                    "residuals: every metric that needs no language model")
 
 # -----------------------------------------------------------------------------
 # SAE folders in SAELens's format: ours, or anyone's standard (ReLU), TopK or JumpReLU SAE on a
@@ -67,9 +64,9 @@ def bloom_folders(name, cache_dir):
         raise ValueError(f"{name}: expected bloom:L with L in 0..11, or bloom:all")
     folders = []
     for L in layers:
-        folder = os.path.join(cache_dir or gpt2.default_cache_dir(), "bloom", train_sae.hook_name(L))
+        folder = os.path.join(cache_dir or data.default_cache_dir(), "bloom", data.hook_name(L))
         for file in BLOOM_FILES:
-            gpt2.download(f"{BLOOM_URL}/{train_sae.hook_name(L)}/{file}", os.path.join(folder, file))
+            data.download(f"{BLOOM_URL}/{data.hook_name(L)}/{file}", os.path.join(folder, file))
         folders.append((f"bloom:{L}", folder))
     return folders
 
@@ -123,7 +120,7 @@ def load_sae(folder, d_model=None, gpt2_only=False):
     parts = hook.split(".")
     if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_pre" or not parts[1].isdigit():
         raise ValueError(f"{folder}: hook_name {hook!r}, expected blocks.L.hook_resid_pre")
-    w = gpt2.load_safetensors(os.path.join(folder, "sae_weights.safetensors"))
+    w = data.load_safetensors(os.path.join(folder, "sae_weights.safetensors"))
     keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
     for key in keys:
         if key not in w:
@@ -136,7 +133,7 @@ def load_sae(folder, d_model=None, gpt2_only=False):
                          f"{[list(shapes[name]) for name in keys]} with m = {m}")
     if arch == "topk" and k > m:
         raise ValueError(f"{folder}: cfg.json has k {k}, expected at most d_sae {m}")
-    sae = train_sae.SAE(d, m, arch={"standard": "relu"}.get(arch, arch), k=k)
+    sae = SAE(d, m, arch={"standard": "relu"}.get(arch, arch), k=k)
     w = {name: w[name].float() for name in keys}
     if not cfg.get("apply_b_dec_to_input", True):  # x W_enc + b_enc == (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
@@ -158,7 +155,7 @@ def sae_input(x, center):
 def held_out_batches(args, label):
     """The same contexts on every call: [batch, ctx] token ids, --tokens of them in all, or
     all of the held-out split when it is smaller."""
-    stream = gpt2.Contexts(args.shards, args.ctx)
+    stream = data.Contexts(args.shards, args.ctx)
     done, t0, shown = 0, time.time(), 0.0
     while done < args.tokens:
         idx = stream.next(min(args.batch, math.ceil((args.tokens - done) / args.ctx)))
@@ -167,25 +164,25 @@ def held_out_batches(args, label):
         done += idx.numel()
         yield idx.to(args.device)
         if time.time() - shown > 1:
-            gpt2.progress(label, done, args.tokens, t0, unit="tokens")
+            data.progress(label, done, args.tokens, t0, unit="tokens")
             shown = time.time()
-    gpt2.progress(label, done, args.tokens, t0, unit="tokens")
+    data.progress(label, done, args.tokens, t0, unit="tokens")
     print(file=sys.stderr)
 
 
 def activation_rows(args, label):
     """The rows of --activations [n, d], in order, --tokens of them in all (or the whole file
-    when it is smaller), each checked as train_sae reads them (no NaN or Inf)."""
-    rows = train_sae.FileSource(args.activations, center=False, device=args.device)
+    when it is smaller), each checked as training reads them (no NaN or Inf)."""
+    rows = data.FileSource(args.activations, center=False, device=args.device)
     total, done, t0, shown = min(rows.n, args.tokens), 0, time.time(), 0.0
     while done < total:
         n = min(args.batch * args.ctx, total - done)
         yield rows.next(n)[:, 0]                                               # [n, d]
         done += n
         if time.time() - shown > 1:
-            gpt2.progress(label, done, total, t0, unit="rows")
+            data.progress(label, done, total, t0, unit="rows")
             shown = time.time()
-    gpt2.progress(label, done, total, t0, unit="rows")
+    data.progress(label, done, total, t0, unit="rows")
     print(file=sys.stderr)
 
 
@@ -262,7 +259,7 @@ def second_pass(model, saes, args):
             sums["cos"] += F.cosine_similarity(x, x_hat, dim=1).sum()
             sums["norm_ratio"] += (x_hat.norm(dim=1) / x.norm(dim=1)).sum()
             if "dash" in s:
-                collect_examples(s["dash"], f.view(*resid[L].shape[:2], -1), idx)  # [b, T, m]
+                dashboard.collect_examples(s["dash"], f.view(*resid[L].shape[:2], -1), idx)  # [b, T, m]
 
 
 def token_ce(logits, target):
@@ -293,330 +290,6 @@ def metrics(s):
     }
 
 # -----------------------------------------------------------------------------
-# Dashboards: every feature's examples, collected in the second pass, and a folder of pages
-# beside each SAE: index.html (every feature's density and max) and chunk files of CHUNK features
-# each, which the page loads by a script tag the first time one of their features is opened.
-
-INTERVALS = 5    # examples are also grouped by the fifth of the feature's max their peak falls in
-PER_INTERVAL = 4  # random examples kept from each interval
-WINDOW = (24, 8)  # tokens kept before and after each example's peak (fewer at the context's edges)
-BINS = 40         # the activation histogram's bins, from 0 to the feature's max
-CHUNK = 256       # features per chunk file: what opening a feature loads (about 1.5 MB)
-EMPTY = torch.finfo(torch.float32).max  # the key of an empty slot: any found example beats it, "none" (inf) never
-
-
-def parse_features(text):
-    """--features as a sorted list of numbers (their range is checked once the SAEs are loaded)."""
-    try:
-        return sorted({int(i) for i in text.split(",")})
-    except ValueError:
-        raise ValueError(f"--features {text!r}: expected comma-separated feature numbers") from None
-
-
-def start_examples(s, args, features=None, tokens=True):
-    """s["dash"]: for every feature (or only `features`), its activation histogram and, with
-    tokens, slots for its examples: a token window around each example's peak, and the
-    feature's activations on it. collect_examples fills them in."""
-    m, dev = s["sae"].W_enc.shape[1], args.device
-    rows = m if features is None else len(features)
-    width = WINDOW[0] + 1 + WINDOW[1]
-    slots = lambda groups, n: {"key": torch.full((rows, groups, n), EMPTY, device=dev),    # lower is kept
-                               "tokens": torch.full((rows, groups, n, width), -1, dtype=torch.int32, device=dev),
-                               "acts": torch.zeros(rows, groups, n, width, device=dev)}   # tokens -1: beyond the context
-    s["dash"] = {"features": None if features is None else torch.tensor(features, device=dev),
-                 "max": s["max_act"] if features is None else s["max_act"][features],
-                 "hist": torch.zeros(rows, BINS, dtype=torch.long, device=dev),
-                 "generator": torch.Generator(dev).manual_seed(args.seed)}
-    if tokens:
-        s["dash"]["top"] = slots(1, args.top)                             # the highest peaks
-        s["dash"]["intervals"] = slots(INTERVALS, PER_INTERVAL)           # a random few from each fifth
-
-
-def keep_lowest(kept, key, ctx, pos, idx, acts):
-    """Merge candidates into kept, each row of slots keeping its lowest keys. key, ctx (the
-    candidate's context in the batch) and pos (its peak's position) are [rows, groups, c]; idx
-    [b, T] the token ids; acts [b, T, rows]. Slots are unordered, so only the candidates that get
-    in are written, and only their windows cut out: late batches, which change little, cost little."""
-    n = kept["key"].shape[2]
-    chosen = torch.zeros(*key.shape[:2], n + key.shape[2], dtype=torch.bool, device=key.device)
-    chosen.scatter_(2, torch.cat([kept["key"], key], 2).topk(n, 2, largest=False).indices, True)
-    out = (~chosen[..., :n]).nonzero(as_tuple=True)  # the slots given up, row by row
-    new = chosen[..., n:].nonzero(as_tuple=True)     # the candidates taking them: as many in each row
-    t = pos[new][:, None] + torch.arange(-WINDOW[0], WINDOW[1] + 1, device=key.device)  # [e, width] positions
-    inside = (t >= 0) & (t < idx.shape[1])
-    t, c = t.clamp(0, idx.shape[1] - 1), ctx[new][:, None]
-    kept["key"][out] = key[new]
-    kept["tokens"][out] = torch.where(inside, idx[c, t], -1).int()
-    kept["acts"][out] = torch.where(inside, acts[c, t, new[0][:, None]], 0.0)
-
-
-def collect_examples(dash, f, idx=None):
-    """f [b, T, m]: add every feature's nonzero activations to its histogram and, given the
-    contexts' token ids idx [b, T], offer each feature this batch's contexts with its highest
-    peaks and a random few from each interval. Beside f, it makes tensors the size of its
-    nonzero entries and of [b, m]."""
-    acts = f if dash["features"] is None else f[..., dash["features"]]        # [b, T, rows]
-    rows, scale = acts.shape[-1], dash["max"].clamp_min(1e-12)
-    flat = acts.reshape(-1)
-    hit = flat.nonzero().squeeze(1)                                          # [nonzero]: about L0 per token
-    row = hit % rows
-    bins = (flat[hit] / scale[row] * BINS).long().clamp(max=BINS - 1)
-    dash["hist"] += torch.bincount(row * BINS + bins, minlength=rows * BINS).view(rows, BINS)
-    if idx is None:
-        return  # rows of activations, not contexts: nothing to show them by
-    peak, at = acts.max(1)                                                   # [b, rows]: each context's peak, where
-    cols, found = torch.arange(rows, device=f.device), peak > 0
-    key, ctx = torch.where(found, -peak, math.inf).topk(min(dash["top"]["key"].shape[2], len(peak)), 0, largest=False)
-    keep_lowest(dash["top"], key.T[:, None], ctx.T[:, None], at[ctx, cols].T[:, None], idx, acts)  # [rows, 1, c]
-    # The interval of a context: q where its peak is in (q/5, (q+1)/5] of the max. In each, the
-    # lowest of uniform random keys, kept over all batches, are a uniform sample.
-    q = ((peak / scale * INTERVALS).ceil().long() - 1).clamp(0, INTERVALS - 1)
-    r = torch.rand(peak.shape, generator=dash["generator"], device=f.device)
-    inside = found & (q == torch.arange(INTERVALS, device=f.device)[:, None, None])         # [5, b, rows]
-    key, ctx = torch.where(inside, r, math.inf).topk(min(PER_INTERVAL, len(peak)), 1, largest=False)  # [5, c, rows]
-    keep_lowest(dash["intervals"], key.permute(2, 0, 1), ctx.permute(2, 0, 1), at[ctx, cols].permute(2, 0, 1), idx, acts)
-
-
-def dashboard_data(s, model=None, enc=None):
-    """(index, chunks): the index page's data (every feature's density and max; the strings of
-    the tokens the examples use, most used first, which they name by number), and a generator
-    of the chunks (k, {feature: its page}), made one at a time. Without a model, no logits;
-    without token contexts collected, no examples."""
-    dash, W_dec = s["dash"], s["sae"].W_dec
-    m = W_dec.shape[0]
-    features = list(range(m)) if dash["features"] is None else dash["features"].tolist()
-    kept = [dash[name] for name in ("top", "intervals") if name in dash]
-    tok = (lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")) if enc else str
-    vocab, number = [], None
-    if kept:
-        ids = torch.cat([k["tokens"].flatten() for k in kept])
-        used, counts = ids[ids >= 0].long().unique(return_counts=True)
-        used = used[counts.argsort(descending=True, stable=True)]
-        number = torch.zeros(int(used.max()) + 1 if len(used) else 1, dtype=torch.long, device=used.device)
-        number[used] = torch.arange(len(used), device=used.device)          # token id -> its number in vocab
-        number = number.cpu().numpy()
-        vocab = [tok(t) for t in used.tolist()]
-    index = {"name": s["folder"], "layer": s["layer"], "tokens": s["n"], "contexts": bool(kept), "chunk": CHUNK,
-             "density": [float(f"{v:.3g}") for v in (s["fires"].double() / s["n"]).tolist()],
-             "max": [round(v, 3) for v in s["max_act"].tolist()],
-             "pages": None if dash["features"] is None else features,               # None: every feature has one
-             "vocab": vocab}
-
-    def examples(block, c):
-        """Row c's examples in each group, best first: [token numbers, activations in thousandths
-        of the feature's max (a nonzero one at least 1)]."""
-        key, ids, q = (a[c] for a in block)
-        return [[[number[ids[g, e][ids[g, e] >= 0]].tolist(), q[g, e][ids[g, e] >= 0].tolist()]
-                 for e in np.argsort(key[g], kind="stable") if key[g, e] < EMPTY] for g in range(len(key))]
-
-    def chunks():
-        unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        row = {i: j for j, i in enumerate(features)}                             # feature -> its row in dash
-        groups = {}
-        for i in features:
-            groups.setdefault(i // CHUNK, []).append(i)
-        for k, feats in groups.items():
-            these = torch.tensor(feats, device=W_dec.device)                     # [c] the chunk's features
-            j = torch.tensor([row[i] for i in feats], device=W_dec.device)       # [c] their rows in dash
-            sims = unit[these] @ unit.T                                          # [c, m] cosines
-            sims[torch.arange(len(feats), device=these.device), these] = -2      # not itself
-            similar = [t.tolist() for t in sims.topk(min(8, m - 1), 1)]
-            hist = dash["hist"][j].tolist()
-            if model is not None:
-                effect = W_dec[these] @ model.wte.weight.T                       # [c, vocab]: W_dec[i] . W_U
-                up, down = [t.tolist() for t in effect.topk(10, 1)], [t.tolist() for t in (-effect).topk(10, 1)]
-            if kept:  # each kept tensor's rows of this chunk, on the CPU
-                peak = dash["max"][j].clamp_min(1e-12)[:, None, None, None]
-                blocks = [(kp["key"][j].cpu().numpy(), kp["tokens"][j].cpu().numpy(),
-                           torch.where(kp["acts"][j] > 0, (kp["acts"][j] / peak * 1000).round().clamp_min(1), 0).long().cpu().numpy())
-                          for kp in kept]
-            pages = {}
-            for c, i in enumerate(feats):
-                page = {"hist": hist[c], "similar": [[t, round(v, 3)] for v, t in zip(similar[0][c], similar[1][c])]}
-                if model is not None:
-                    page["up"] = [[tok(t), round(v, 3)] for v, t in zip(up[0][c], up[1][c])]
-                    page["down"] = [[tok(t), round(-v, 3)] for v, t in zip(down[0][c], down[1][c])]
-                if kept:
-                    page["top"], page["intervals"] = examples(blocks[0], c)[0], examples(blocks[1], c)
-                pages[i] = page
-            yield k, pages
-
-    return index, chunks()
-
-
-def dashboard_files(s, model=None, enc=None):
-    """The dashboard folder's files, (name, text), made one at a time."""
-    index, chunks = dashboard_data(s, model, enc)
-    yield "index.html", DASHBOARD.replace("__INDEX__", json.dumps(index, separators=(",", ":")).replace("</", "<\\/"))
-    m, t0 = len(s["fires"]), time.time()  # tens of seconds at m 24,576 on a CPU: say so as it goes
-    for k, pages in chunks:
-        yield f"chunk{k}.js", f"DASHBOARD_CHUNK({k}, {json.dumps(pages, separators=(',', ':'))});\n"
-        gpt2.progress(f"dashboard of {s['folder']}", min(m, (k + 1) * CHUNK), m, t0, unit="features")
-    print(file=sys.stderr)
-
-
-def write_folder(path, files):
-    """Write files (name, text) into a fresh folder path."""
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    for name, text in files:
-        with open(os.path.join(path, name), "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def replace(tmp, path):
-    """Put tmp, a file or a folder, in place of path: a file atomically; a folder by two renames,
-    the old one removed only once the new one is in place."""
-    if not os.path.isdir(tmp):
-        return os.replace(tmp, path)
-    shutil.rmtree(path + ".old", ignore_errors=True)
-    if os.path.exists(path):
-        os.rename(path, path + ".old")
-    os.rename(tmp, path)
-    shutil.rmtree(path + ".old", ignore_errors=True)
-
-
-DASHBOARD = r"""<!doctype html>
-<html><head><meta charset="utf-8"><title>SAE features</title>
-<style>
-body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
-table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: right; }
-tr.detail td:first-child a { font-weight: bold; }
-.ctx { font: 12px ui-monospace, monospace; white-space: pre-wrap; margin: 3px 0; padding: 3px; border-bottom: 1px solid #eee; }
-.tok { border-radius: 2px; } .tok.peak { outline: 1px solid #b00; }
-.cols { display: flex; gap: 3em; flex-wrap: wrap; }
-.bar { display: inline-block; width: 8px; background: #47a; vertical-align: bottom; margin-right: 1px; }
-.muted { color: #888; } #search { width: 6em; }
-.plot { display: grid; grid-template-columns: auto auto auto; column-gap: 4px; font-size: 12px; }
-.yaxis { display: flex; flex-direction: column; justify-content: space-between; text-align: right; }
-.ylabel { writing-mode: vertical-rl; transform: rotate(180deg); text-align: center; }
-.xaxis { display: flex; justify-content: space-between; }
-</style></head><body>
-<h1 id="title"></h1>
-<p>Find feature <input id="search" type="number" min="0"> <button id="go">show</button>
-<span id="note" class="muted"></span></p>
-<p id="full"></p>
-<div id="feature"></div>
-<h2>All features</h2>
-<p><button id="prev">&larr;</button> <span id="page"></span> <button id="next">&rarr;</button>
-sorted by <select id="sort"><option value="id">number</option><option value="density">density</option>
-<option value="max">max activation</option></select>
-<span class="muted">bold: has a full page; density = fraction of tokens it fires on</span></p>
-<table><thead><tr><th>feature</th><th>log10 density</th><th>max activation</th></tr></thead><tbody id="index"></tbody></table>
-<script>
-// INDEX: every feature's density and max, and the strings of the tokens its examples name by
-// number. Feature i's page is in chunk{floor(i / INDEX.chunk)}.js, which calls DASHBOARD_CHUNK; it is
-// loaded by a script tag when one of its features is first opened (file:// pages may not fetch).
-const INDEX = __INDEX__;
-const CHUNKS = {};
-function DASHBOARD_CHUNK(k, pages) { CHUNKS[k] = pages; }
-const N = INDEX.density.length, PAGE = 100;
-const pages = INDEX.pages === null ? null : new Set(INDEX.pages);
-const hasPage = i => pages === null || pages.has(i);
-let page = 0, order = [...Array(N).keys()], shown = null;
-const el = (tag, attrs = {}, text = "") => { const e = document.createElement(tag); Object.assign(e, attrs); e.textContent = text; return e; };
-const log10 = d => d > 0 ? Math.log10(d).toFixed(2) : "dead";
-
-function renderIndex() {
-  const body = document.getElementById("index"); body.replaceChildren();
-  const count = Math.ceil(N / PAGE);
-  page = Math.max(0, Math.min(page, count - 1));
-  for (const i of order.slice(page * PAGE, (page + 1) * PAGE)) {
-    const tr = el("tr", {className: hasPage(i) ? "detail" : ""});
-    const td = el("td"); td.append(el("a", {href: "#f=" + i}, String(i))); tr.append(td);
-    tr.append(el("td", {}, log10(INDEX.density[i])), el("td", {}, INDEX.max[i].toFixed(3)));
-    body.append(tr);
-  }
-  document.getElementById("page").textContent = `page ${page + 1} of ${count}`;
-}
-
-// One example: [token numbers, activations in thousandths of the feature's max], shaded by activation.
-function context([ids, q], max) {
-  const div = el("div", {className: "ctx"}), at = q.indexOf(Math.max(...q));
-  ids.forEach((t, p) => {
-    const s = el("span", {className: "tok" + (p === at ? " peak" : ""), title: (q[p] * max / 1000).toPrecision(3)}, INDEX.vocab[t]);
-    if (q[p] > 0) s.style.background = `rgba(255, 120, 0, ${Math.min(1, q[p] / 1000).toFixed(3)})`;
-    div.append(s);
-  });
-  return div;
-}
-
-function load(k, then) {
-  const s = el("script", {src: `chunk${k}.js`});
-  s.onload = then;
-  s.onerror = () => { document.getElementById("note").textContent = `cannot load chunk${k}.js: it belongs beside index.html`; };
-  document.head.append(s);
-}
-
-function renderFeature(i) {
-  shown = i;
-  const box = document.getElementById("feature"); box.replaceChildren();
-  const note = document.getElementById("note"); note.textContent = "";
-  if (!(i >= 0 && i < N)) { note.textContent = `no feature ${i} (this SAE has 0..${N - 1})`; return; }
-  const max = INDEX.max[i];
-  box.append(el("h2", {}, `Feature ${i}`));
-  box.append(el("p", {}, `density ${INDEX.density[i].toExponential(3)} (log10 ${log10(INDEX.density[i])}), max activation ${max.toFixed(3)}`));
-  if (!hasPage(i)) { note.textContent = `feature ${i} has no full page: rerun with --dashboard alone, or with --features ${i}`; return; }
-  const k = Math.floor(i / INDEX.chunk);
-  if (!CHUNKS[k]) { box.append(el("p", {className: "muted"}, "loading…")); load(k, () => { if (shown === i) renderFeature(i); }); return; }
-  const f = CHUNKS[k][i], cols = el("div", {className: "cols"});
-  // The histogram: counts of nonzero activations, in 40 bins from 0 to the feature's max.
-  const hist = el("div"); hist.append(el("h3", {}, "Activations (nonzero)"));
-  const hmax = Math.max(1, ...f.hist), bars = el("div", {style: "height: 80px"});
-  f.hist.forEach(c => bars.append(el("span", {className: "bar", title: String(c), style: `height: ${Math.round(80 * c / hmax)}px`})));
-  const yaxis = el("div", {className: "yaxis"}); yaxis.append(el("span", {}, String(hmax)), el("span", {}, "0"));
-  const xaxis = el("div", {className: "xaxis"});
-  xaxis.append(el("span", {}, "0"), el("span", {}, "activation"), el("span", {}, max.toFixed(3)));
-  const plot = el("div", {className: "plot"});
-  plot.append(el("div", {className: "ylabel"}, "count"), yaxis, bars, el("div"), el("div"), xaxis);
-  hist.append(plot); cols.append(hist);
-  for (const [name, list] of [["Raises the logits of", f.up], ["Lowers the logits of", f.down]]) {
-    if (!list) continue;  // evaluated without a language model
-    const d = el("div"); d.append(el("h3", {}, name));
-    list.forEach(([t, v]) => d.append(el("div", {className: "ctx"}, `${JSON.stringify(t)}  ${v}`)));
-    cols.append(d);
-  }
-  const sim = el("div"); sim.append(el("h3", {}, "Closest decoder directions"));
-  f.similar.forEach(([j, v]) => { const d = el("div"); d.append(el("a", {href: "#f=" + j}, String(j)), el("span", {}, `  cos ${v}`)); sim.append(d); });
-  cols.append(sim); box.append(cols);
-  if (!f.top) { box.append(el("p", {className: "muted"}, "No token contexts: this SAE was evaluated on rows of activations.")); return; }
-  if (!f.top.length) { box.append(el("p", {className: "muted"}, "No examples: it never fired on these tokens.")); return; }
-  box.append(el("h3", {}, "Top activations"));
-  f.top.forEach(c => box.append(context(c, max)));
-  f.intervals.forEach((examples, q) => {
-    if (!examples.length) return;
-    box.append(el("h3", {}, `Peak activation in (${q / 5}, ${(q + 1) / 5}] of the max`));
-    examples.forEach(c => box.append(context(c, max)));
-  });
-}
-
-function route() {
-  const m = location.hash.match(/^#f=(\d+)$/);
-  if (m) { const i = Number(m[1]); page = Math.floor(order.indexOf(i) / PAGE); renderIndex(); renderFeature(i); }  // renderIndex clamps the page
-}
-const full = document.getElementById("full");
-if (INDEX.pages === null) full.append("Every feature has a full page: pick one below, or find it by number.");
-else { full.append("Full dashboards: "); INDEX.pages.forEach((i, k) => { if (k) full.append(", "); full.append(el("a", {href: "#f=" + i}, String(i))); }); }
-document.getElementById("title").textContent =
-  `${INDEX.name}: layer ${INDEX.layer}, ${N} features, ${INDEX.tokens} ${INDEX.contexts ? "tokens" : "activation rows"}`;
-document.getElementById("prev").onclick = () => { page = Math.max(0, page - 1); renderIndex(); };
-document.getElementById("next").onclick = () => { page = Math.min(Math.ceil(N / PAGE) - 1, page + 1); renderIndex(); };
-document.getElementById("go").onclick = () => { location.hash = "f=" + document.getElementById("search").value; };
-document.getElementById("search").onkeydown = e => { if (e.key === "Enter") document.getElementById("go").click(); };
-document.getElementById("sort").onchange = e => {
-  const by = e.target.value;
-  order = [...Array(N).keys()];
-  if (by !== "id") order.sort((a, b) => INDEX[by][b] - INDEX[by][a]);  // largest first
-  page = 0; renderIndex();
-};
-window.addEventListener("hashchange", route);
-renderIndex();
-if (location.hash) route(); else renderFeature(INDEX.pages === null ? 0 : INDEX.pages[0]);
-</script></body></html>
-"""
-
-# -----------------------------------------------------------------------------
 
 COLUMNS = [("sae", "SAE", "{}"), ("layer", "layer", "{}"), ("explained_variance", "var. expl.", "{:.2%}"), ("l1", "L1", "{:.2f}"),
            ("l0", "L0", "{:.2f}"), ("alive_pct", "% alive", "{:.1f}%"), ("ce_sae", "recon. CE", "{:.3f}"),
@@ -631,20 +304,15 @@ written = []  # the files this run has written, for the message if it is interru
 def main(argv=None):
     args = p.parse_args(argv)
     # Every check that can fail comes before the slow work: GPT-2's download and the passes.
-    for flag in ("tokens", "ctx", "batch", "top"):
-        if getattr(args, flag) < (2 if flag == "ctx" else 1):
-            raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
-    gpt2.check_device(args.device)
-    features = parse_features(args.features) if args.features else []
-    if args.weights is not None:
-        gpt2.check_weights_path(args.weights)
-    enc = gpt2.tokenizer() if args.dashboard and not args.activations else None
-    about = train_sae.read_about(args.activations) if args.activations else None  # what the rows are, if known
+    runs.check_inputs(args, "tokens", "batch", "top")
+    features = dashboard.parse_features(args.features) if args.features else []
+    enc = data.tokenizer() if args.dashboard and not args.activations else None
+    about = data.read_about(args.activations) if args.activations else None  # what the rows are, if known
     saes = []
     for name, folder in find_sae_folders(args.folders, args.cache_dir):
         sae, layer, center = load_sae(folder, gpt2_only=not args.activations)
         if about and about["layer"] != layer:
-            raise ValueError(f"{folder}: an SAE of {train_sae.hook_name(layer)}, but {train_sae.about_path(args.activations)} "
+            raise ValueError(f"{folder}: an SAE of {data.hook_name(layer)}, but {data.about_path(args.activations)} "
                              f"says the rows are {about['hook_name']}")
         saes.append({"folder": folder, "name": name, "sae": sae, "layer": layer, "center": center})
         m = sae.W_enc.shape[1]
@@ -656,9 +324,9 @@ def main(argv=None):
         print(f"SAE {s['folder']}: layer {s['layer']}, {sae.arch}{f' k {sae.k}' if sae.arch == 'topk' else ''}, "
               f"d_sae {sae.W_enc.shape[1]:,}{', centred input' if s['center'] else ''}", file=sys.stderr)
     if args.activations:  # no language model: the rows are the residuals
-        model, d_model = None, train_sae.FileSource(args.activations, center=False, device="cpu").d
+        model, d_model = None, data.FileSource(args.activations, center=False, device="cpu").d
     else:
-        args.shards = gpt2.corpus(args.data, "eval", args.ctx, args.cache_dir)  # opened once, read by both passes
+        args.shards = data.corpus(args.data, "eval", args.ctx, args.cache_dir)  # opened once, read by both passes
         model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
         d_model = model.cfg.n_embd
     for s in saes:
@@ -676,7 +344,7 @@ def main(argv=None):
               f"evaluated on {n:,} of the {args.tokens:,} asked", file=sys.stderr)
     if args.dashboard:
         for s in saes:
-            start_examples(s, args, features or None, tokens=model is not None)
+            dashboard.start_examples(s, args, features or None, tokens=model is not None)
     second_pass(model, saes, args)
     rows, files = [], []  # files: (path, text), written together at the end
     for s in saes:
@@ -685,21 +353,13 @@ def main(argv=None):
                               "activations": args.activations and os.path.abspath(args.activations)}
         files.append((os.path.join(s["folder"], "eval.json"), json.dumps(result, indent=2)))
         rows.append([s["name"]] + [fmt.format(result[key]) if key in result else "—" for key, _, fmt in COLUMNS[1:]])
-    # Each dashboard goes to dashboard.tmp/ now, in place of dashboard/ with the other files below.
-    dashboards = [os.path.join(s["folder"], "dashboard") for s in saes] if args.dashboard else []
-    try:
-        for s, path in zip(saes, dashboards):
-            write_folder(path + ".tmp", dashboard_files(s, model, enc))
-    except BaseException:
-        for path in dashboards:
-            shutil.rmtree(path + ".tmp", ignore_errors=True)
-        raise
-    files += [(path, None) for path in dashboards]  # None: written already, to path.tmp
+    if args.dashboard:  # each to dashboard.tmp/ now, put in place of dashboard/ with the other files below
+        files += [(path, None) for path in dashboard.write_dashboards(saes, model, enc)]
     for path, text in files:
         if text is not None:
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.write(text)
-        replace(path + ".tmp", path)  # an interrupted run leaves the old file or folder whole
+        data.replace(path + ".tmp", path)  # an interrupted run leaves the old file or folder whole
         written.append(path)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (_, h, _) in enumerate(COLUMNS)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, widths)))
@@ -711,10 +371,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    gpt2.stop_on_sigterm()
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:
-        gpt2.exit_interrupted(e, f"wrote only {', '.join(written)}" if written else "nothing was written")
+    runs.command_line(main, lambda: f"wrote only {', '.join(written)}" if written else "nothing was written")

@@ -1,38 +1,35 @@
 """
-GPT-2 small in plain PyTorch, loaded from OpenAI's published weights, and the token stream
-that feeds it. Everything the SAE trainer and the evaluation need from the language model:
+GPT-2 small in plain PyTorch, loaded from OpenAI's published weights: everything the SAE
+trainer and the evaluation need from the language model.
 
 1. the model, with parameter names equal to the published file's;
 2. residuals at any layer under TransformerLens names: layer L is `blocks.L.hook_resid_pre`,
    the input to block L (L = 0..11), and L = 12 is the output of the last block, before ln_f;
 3. per-token cross-entropy, clean or with the residual at one layer replaced (splicing);
-4. downloading and loading OpenAI's `model.safetensors` (never a pickle);
-5. tokens: a pre-tokenized public corpus, or local .txt / .bin / .npy files, cut into
-   contexts of 128 tokens that each begin with <|endoftext|>.
+4. loading OpenAI's `model.safetensors` (downloaded once; never a pickle), in its published
+   layout or in transformers' `save_pretrained` layout;
+5. the SAEs' inputs: residuals of GPT-2 forwards over a stream of contexts, for the training
+   buffer or written to an activation file.
 
 `python gpt2.py` prints the clean model's cross-entropy on held-out tokens: a quick check
 that the weights and the data are right (about 3.3 nats at context 128).
 """
 
 import argparse
-import errno
-import hashlib
-import http.client
+import json
+import math
 import os
-import signal
-import socket
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
+import runs
 
 # -----------------------------------------------------------------------------
 # The model. Names follow the published checkpoint (wte, wpe, h.N.attn.c_attn, ...),
@@ -161,131 +158,6 @@ def parse_layers(text, n_layer=12):
 
 
 # -----------------------------------------------------------------------------
-# Downloads: to a temporary file that is renamed only once complete and checked, resumed
-# with an HTTP Range request when a transfer breaks. Standard library only.
-
-def default_cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2_sae")
-
-
-def progress(label, done, total, t0, unit="B"):
-    """One self-overwriting status line on stderr, in a readable scale: a symbol such as "B"
-    takes the prefix (kB, MB, GB); a word such as "tokens" follows it (12.3k tokens). The scale
-    of the counts comes from the total (or from `done` when the total is unknown), the rate's
-    from the rate, so that slow progress does not show as 0.0."""
-    rate = done / max(time.time() - t0, 1e-9)
-    (scale, prefix), (rate_scale, rate_prefix) = si_prefix(total or done), si_prefix(rate)
-    if len(unit) == 1:
-        of = f"/{total / scale:,.1f}" if total else ""
-        count, speed = f"{done / scale:,.1f}{of} {prefix}{unit}", f"{rate / rate_scale:.2f} {rate_prefix}{unit}/s"
-    else:
-        of = f"/{total / scale:,.1f}{prefix}" if total else ""
-        count, speed = f"{done / scale:,.1f}{prefix}{of} {unit}", f"{rate / rate_scale:.2f}{rate_prefix} {unit}/s"
-    share = f" ({100 * done / total:.0f}%)" if total else ""
-    print(f"\r{label}: {count}{share} at {speed}  ", end="", file=sys.stderr, flush=True)
-
-
-def si_prefix(x):
-    """(scale, prefix) that shows x with one to three digits before the point: (1e6, "M")."""
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= scale:
-            return scale, prefix
-    return 1, ""
-
-
-def download(url, path, size=None, sha256=None, retries=5):
-    """Fetch `url` to `path` unless it is already there. Checks the size (given, or else the
-    server's), and the SHA-256 when given. A broken transfer is resumed from `path + '.part'`,
-    here or on a later call; a file that fails a check is deleted, never renamed into place.
-    Only failures that a retry can mend are retried: not a missing network or a refusal."""
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part, name = path + ".part", os.path.basename(path)
-    resume = lambda: f"; run again to resume from {part}" if os.path.exists(part) else ""
-    tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
-    for attempt in range(retries + 1):
-        try:
-            total = fetch_rest(url, part, name)
-        except (OSError, http.client.HTTPException) as e:  # refused, timed out, or cut mid-body
-            why = lasting_failure(url, e)
-            if why:
-                raise OSError(why + resume()) from None
-            if attempt == retries:
-                raise OSError(f"download of {url} failed ({e}) after {tries}{resume()}") from None
-            print(f"\n{name}: transfer broke ({e}); resuming", file=sys.stderr)
-            time.sleep(min(2 ** attempt - 1, 30))
-            continue
-        if total is None or os.path.getsize(part) >= total:
-            break
-        print(f"\n{name}: the server closed early; resuming", file=sys.stderr)
-    else:
-        raise OSError(f"download of {url} is incomplete after {tries}{resume()}")
-    got, want = os.path.getsize(part), size or total
-    problem = (f"{got:,} bytes, expected {want:,}" if want is not None and got != want else
-               f"SHA-256 differs from {sha256}" if sha256 and file_sha256(part) != sha256 else None)
-    if problem:
-        os.remove(part)
-        raise ValueError(f"{url}: {problem}; deleted the download")
-    os.replace(part, path)
-    return path
-
-
-def lasting_failure(url, e):
-    """Why the request failed, in one line, when retrying in a few seconds cannot help (no
-    network, no such host, nothing listening, the server says no); None when it can (a
-    transfer cut mid-body, a timeout, a server error)."""
-    host = urllib.parse.urlsplit(url).hostname
-    if isinstance(e, urllib.error.HTTPError):
-        return None if e.code >= 500 or e.code == 429 else f"download of {url} failed: HTTP {e.code} {e.reason}"
-    reason = e.reason if isinstance(e, urllib.error.URLError) else e
-    if isinstance(reason, socket.gaierror):
-        return f"cannot reach {host}: name resolution failed (no network?)"
-    if isinstance(reason, ConnectionRefusedError):
-        return f"cannot reach {host}: connection refused"
-    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return f"cannot reach {host}: {reason.strerror} (no network?)"
-    return None
-
-
-def fetch_rest(url, part, name):
-    """Append to `part` what the server has beyond its current length; return the full size
-    (None when the server does not say)."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        r = urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 416:  # nothing beyond `have`: the part is complete (or longer than the file)
-            return int(e.headers.get("Content-Range", "*/0").rsplit("/", 1)[1])
-        raise
-    with r:
-        if r.status == 206:  # a resume: 'Content-Range: bytes START-END/TOTAL'
-            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
-        else:  # the whole file, from the start, whatever we asked for
-            length = r.headers.get("Content-Length")  # absent when the server streams in chunks
-            have, total = 0, int(length) if length else None
-        t0, last = time.time(), 0.0
-        with open(part, "ab" if have else "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                have += len(chunk)
-                if time.time() - last > 0.5:
-                    progress(name, have, total, t0)
-                    last = time.time()
-    progress(name, have, total, t0)
-    print(file=sys.stderr)
-    return total
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-# -----------------------------------------------------------------------------
 # OpenAI's weights. The published file holds the model under the names above, except that
 # the four Conv1D weights per block are stored [in, out], the 12 `attn.bias` causal-mask
 # buffers ride along, and the unembedding is implicit (tied to wte).
@@ -301,8 +173,8 @@ def from_pretrained(path=None, cache_dir=None, cfg=None):
     cached). Without `cfg`, the sizes are read off the file (any GPT-2: small to XL); with
     one, the file must match it exactly. Says on stderr what it loaded."""
     if path is None:
-        path = download(GPT2_URL, os.path.join(cache_dir or default_cache_dir(), "gpt2", "model.safetensors"),
-                        size=GPT2_SIZE, sha256=GPT2_SHA256)
+        path = data.download(GPT2_URL, os.path.join(cache_dir or data.default_cache_dir(), "gpt2", "model.safetensors"),
+                             size=GPT2_SIZE, sha256=GPT2_SHA256)
     tensors = read_weights(path)
     model = GPT(cfg or config_of(tensors, path))
     copy_weights(model, tensors, path)
@@ -312,47 +184,12 @@ def from_pretrained(path=None, cache_dir=None, cfg=None):
     return model.eval()
 
 
-def check_device(device):
-    """Refuse a device torch cannot use here, before any slow work."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
-def check_weights_path(path):
-    """Refuse a weights path that is missing or a directory, before any slow work."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"--weights {path} is a directory, expected a model.safetensors file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-
-
-def load_safetensors(path):
-    """Every tensor of a safetensors file (never a pickle), or one line on a file that is
-    truncated or not safetensors at all."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"file not found: {path}")
-    try:
-        return load_file(path)  # reads the header first: a truncated file fails there
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
-
-
 def read_weights(path):
     """The tensors of a published-layout (or transformers `save_pretrained`) safetensors file,
     under our names: no `transformer.` prefix, no causal-mask buffers, no separate lm_head."""
-    check_weights_path(path)
+    data.check_weights_path(path)
     tensors = {}
-    for key, t in load_safetensors(path).items():
+    for key, t in data.load_safetensors(path).items():
         name = key.removeprefix("transformer.")  # transformers' save_pretrained adds it
         if not name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers: constants
             tensors[name] = t
@@ -393,251 +230,99 @@ def copy_weights(model, tensors, path):
             param.copy_(tensors[name])
     return model
 
+
 # -----------------------------------------------------------------------------
-# Tokens. A corpus is a list of shards, each a 1-D uint16 array of GPT-2 token ids in which
-# every document begins with <|endoftext|>. Arrays are memory-mapped, never read whole.
-#
-# The default corpus is FineWeb-10B in GPT-2 tokens, as published for modded-nanogpt
-# (kjj0/fineweb10B-gpt2): 103 training shards of 100M tokens and one validation shard.
-# Bloom's SAEs were trained on OpenWebText, which is not published pre-tokenized in a form
-# these packages read; cross-entropies differ slightly between the corpora. nanoGPT's own
-# OpenWebText `train.bin` / `val.bin` (raw uint16) load as local files.
+# The SAEs' inputs: residuals of GPT-2 forwards over a stream of contexts, served to the
+# training buffer, or written to an activation file. Under torchrun every rank reads the same
+# contexts but runs GPT-2 on its share of them only (share), and the ranks' residuals are
+# all-gathered (gather), so that every rank holds the rows one process would.
 
-BOS = 50256  # <|endoftext|>: GPT-2's only special token, used as beginning-of-sequence
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c / modded-nanogpt header
-FINEWEB_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/fineweb_{}_{:06d}.bin"
-FINEWEB_TRAIN_SHARDS = range(1, 104)
-TEXT_PIECE_CHARS = 1 << 22  # text is tokenized in pieces of about this many characters
+class ResidualSource:
+    """The next n residual vectors at each of `layers`, from GPT-2 forwards over a stream of
+    contexts, keeping the layers in `keep`. One forward, stopped at the deepest layer, serves
+    every layer. state_dict() and load_state_dict() are the stream's position."""
 
+    def __init__(self, model, stream, layers, keep, batch, center, exclude_bos, autocast, device,
+                 ranks=1, share=lambda idx: idx, gather=lambda x: x):
+        self.stream, self.layers, self.batch = stream, layers, batch
+        self.keep = [layers.index(L) for L in keep]
+        self.center, self.exclude_bos, self.autocast, self.device = center, exclude_bos, autocast, device
+        self.ranks, self.share, self.gather = ranks, share, gather
+        self.forward, self.d = model.residuals, model.cfg.n_embd
 
-def read_shard(path, cache_dir=None):
-    """A .bin (with the llm.c header, or raw uint16 as nanoGPT writes), .npy or .txt file as a
-    memory-mapped uint16 array. A .txt is tokenized once into a cached .bin."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"token file not found: {path}")
-    if path.endswith(".txt"):
-        return read_shard(tokenize_text(path, cache_dir))
-    if path.endswith(".npy"):
-        tokens = np.load(path, mmap_mode="r")
-        if tokens.dtype != np.uint16 or tokens.ndim != 1:
-            raise ValueError(f"{path}: {tokens.dtype} array of shape {tokens.shape}, expected 1-D uint16")
-        return tokens
-    if not path.endswith(".bin"):
-        raise ValueError(f"{path}: unknown token file type, expected .txt, .bin or .npy")
-    nbytes = os.path.getsize(path)
-    header = np.fromfile(path, dtype=np.int32, count=3) if nbytes >= 4 * HEADER_INTS else None
-    # Raw uint16 cannot start with the magic: as two tokens it reads 54856, beyond the vocabulary.
-    if header is not None and header[0] == SHARD_MAGIC:
-        if header[1] != SHARD_VERSION:
-            raise ValueError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
-        n = int(header[2])
-        if nbytes != 4 * HEADER_INTS + 2 * n:
-            raise ValueError(f"{path}: {nbytes:,} bytes, expected {4 * HEADER_INTS + 2 * n:,} "
-                             f"for the {n:,} tokens its header declares")
-        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
-    if nbytes % 2:
-        raise ValueError(f"{path}: odd size {nbytes:,} bytes, expected uint16 tokens")
-    return np.memmap(path, dtype=np.uint16, mode="r") if nbytes else np.zeros(0, np.uint16)
-
-
-def write_shard(path, tokens):
-    """Write tokens as an llm.c-format shard, atomically."""
-    tokens = np.asarray(tokens, dtype=np.uint16)
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    with open(path + ".tmp", "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.tobytes())
-    os.replace(path + ".tmp", path)
-
-
-def tokenize_text(path, cache_dir=None):
-    """Tokenize a UTF-8 text file, in which documents are separated by <|endoftext|>, into a
-    cached shard; return the shard's path. Reads in pieces, with progress, so size is no limit."""
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = os.path.join(cache_dir or default_cache_dir(), "tokens", f"{os.path.basename(path)}.{key}.bin")
-    if os.path.exists(out):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    enc = tokenizer()
-    pieces, done, t0, last = [np.array([BOS], np.uint16)], 0, time.time(), time.time()
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            while text := f.read(TEXT_PIECE_CHARS):
-                # End the piece at a line end, so that no word or separator is cut. (A run of
-                # blank lines across the cut can split into other tokens; decoding is unchanged.)
-                text += f.readline()
-                pieces.append(np.array(enc.encode(text, allowed_special={"<|endoftext|>"}), np.uint16))
-                done += len(text.encode())
-                if time.time() - last > 1:
-                    progress(f"tokenizing {os.path.basename(path)}", done, st.st_size, t0)
-                    last = time.time()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if time.time() - t0 > 1:
-        print(file=sys.stderr)
-    write_shard(out, np.concatenate(pieces))
-    return out
-
-
-def tokenizer():
-    """GPT-2's tokenizer. tiktoken fetches its two files once and caches them; offline it
-    needs them in TIKTOKEN_CACHE_DIR, under the SHA-1s of the URLs it would fetch them from."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' errors when offline, a hash mismatch, an unreadable cache
-        where = os.environ.get("TIKTOKEN_CACHE_DIR")
-        raise ValueError(f"cannot load GPT-2's tokenizer ({type(e).__name__}): with network, tiktoken fetches it "
-                         f"once by itself; offline, set TIKTOKEN_CACHE_DIR (now {where or 'unset'}) to a folder "
-                         f"holding tiktoken's copies of vocab.bpe and encoder.json, named "
-                         f"6d1cbeee0f20b3d9449abfede4726ed8212e3aee and 6c7ea1a7e38e3a7f062df639a5b80947f075ffe6") from None
-
-
-def fineweb_shard(split, i, cache_dir=None):
-    name = f"fineweb_{split}_{i:06d}.bin"
-    path = os.path.join(cache_dir or default_cache_dir(), "fineweb10B", name)
-    return read_shard(download(FINEWEB_URL.format(split, i), path))
-
-
-def corpus(source="fineweb", split="train", ctx=128, cache_dir=None):
-    """The shards of a corpus as zero-argument functions, for Contexts. `source` is "fineweb",
-    whose shards are downloaded only when the stream reaches them, or local token files: a list,
-    or a string of comma-separated paths (the --data flag's form), each opened and checked now
-    (a .txt is tokenized now, once), so that a bad file fails at once, not when the stream
-    reaches it. Says on stderr what the split holds.
-    The held-out "eval" split is FineWeb's validation shard, or else the last 1% of each
-    file's windows (at least one), so it never overlaps "train"."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split {split!r}, expected 'train' or 'eval'")
-    what = "held-out" if split == "eval" else "training"
-    if source == "fineweb":
-        shards = [("val", 0)] if split == "eval" else [("train", i) for i in FINEWEB_TRAIN_SHARDS]
-        print(f"{what} tokens: FineWeb-10B, {len(shards)} shard{'s' * (len(shards) > 1)} of about 100M tokens, "
-              f"each downloaded (200 MB) when the stream reaches it", file=sys.stderr)
-        return [partial(fineweb_shard, s, i, cache_dir) for s, i in shards]
-    paths = source.split(",") if isinstance(source, str) else list(source)
-    sizes = [len(local_split(p, split, ctx, cache_dir)) for p in paths]
-    if sum(n // (ctx - 1) for n in sizes) == 0:
-        raise ValueError(f"empty corpus: no file holds a context of {ctx - 1} tokens")
-    print(f"{what} tokens: {len(paths)} file{'s' * (len(paths) > 1)}, {sum(sizes):,} tokens", file=sys.stderr)
-    return [partial(local_split, p, split, ctx, cache_dir) for p in paths]
-
-
-def local_split(path, split, ctx, cache_dir):
-    tokens = read_shard(path, cache_dir)
-    n_windows = len(tokens) // (ctx - 1)
-    cut = max(0, n_windows - max(1, n_windows // 100)) * (ctx - 1)  # where the held-out windows start
-    return tokens[cut:] if split == "eval" else tokens[:cut]
-
-
-class Contexts:
-    """Rows of [BOS] + the next ctx-1 corpus tokens. Each shard is cut into windows of ctx-1
-    tokens. With a seed, the stream is endless: each epoch visits every window once, in an
-    order fixed by (seed, epoch, shard). Without one (held-out data), it is one pass in file
-    order. state_dict() / load_state_dict() save and restore the position."""
-
-    def __init__(self, shards, ctx=128, seed=None, vocab_size=50257):
-        if not shards:
-            raise ValueError("empty corpus: no token files given")
-        self.shards, self.ctx, self.seed, self.vocab_size = shards, ctx, seed, vocab_size
-        self.epoch, self.shard, self.pos = 0, 0, 0  # the position: the next window to serve
-        self.opened = None  # (epoch, shard, tokens, window order) of the shard being read
-
-    def windows(self):
-        if self.opened is None or self.opened[:2] != (self.epoch, self.shard):
-            tokens = self.shards[self.shard]()
-            n = len(tokens) // (self.ctx - 1)
-            order = (np.arange(n) if self.seed is None else
-                     np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(n))
-            self.opened = (self.epoch, self.shard, tokens, order)
-        return self.opened[2], self.opened[3]
-
-    def next(self, n):
-        """The next n contexts as token ids [n, ctx] (int64). A single pass returns fewer at
-        its end, then none."""
-        rows, empty_shards = [np.zeros((0, self.ctx - 1), np.uint16)], 0
-        while n and (self.seed is not None or self.epoch == 0):
-            tokens, order = self.windows()
-            empty_shards = empty_shards + 1 if len(order) == 0 else 0
-            if empty_shards == len(self.shards):
-                raise ValueError(f"empty corpus: no file holds a context of {self.ctx - 1} tokens")
-            take = order[self.pos:self.pos + n]  # window numbers
-            idx = take[:, None] * (self.ctx - 1) + np.arange(self.ctx - 1)  # [k, ctx-1] token offsets
-            rows.append(np.asarray(tokens[idx]))  # a gather from the memory map
-            self.pos, n = self.pos + len(take), n - len(take)
-            if self.pos == len(order):  # this shard is used up: on to the next, or the next epoch
-                self.shard, self.pos = self.shard + 1, 0
-                if self.shard == len(self.shards):
-                    self.epoch, self.shard = self.epoch + 1, 0
-        body = torch.from_numpy(np.concatenate(rows).astype(np.int64))  # [n, ctx-1]
-        if len(body) and body.max() >= self.vocab_size:
-            raise ValueError(f"token id {int(body.max())} in the corpus, expected < {self.vocab_size}")
-        return torch.cat([torch.full((len(body), 1), BOS), body], dim=1)  # [n, ctx]
+    @torch.no_grad()
+    def next(self, n, progress=None):
+        """[n, kept layers, d]. progress(rows done) is called about once a second while the
+        forwards run, which takes minutes on CPU."""
+        per_context = self.stream.ctx - self.exclude_bos
+        n_ctx = math.ceil(n / per_context / self.batch) * self.batch  # whole GPT-2 batches
+        if n_ctx % self.ranks:
+            raise ValueError(f"{n_ctx} contexts per refill do not split over {self.ranks} ranks: change --gpt2_batch")
+        mine = self.share(self.stream.next(n_ctx)).to(self.device)          # [n_ctx / ranks, ctx]
+        chunks, shown = [], time.time()
+        for idx in mine.split(self.batch):
+            with self.autocast():
+                resid = self.forward(idx, self.layers)                       # {L: [batch, ctx, d]}
+            x = torch.stack([resid[L] for L in self.layers], dim=2).float()  # [batch, ctx, layers, d]
+            if self.exclude_bos:
+                x = x[:, 1:]
+            chunks.append(x.reshape(-1, *x.shape[2:]))                      # [batch * ctx, layers, d]
+            if progress and time.time() - shown > 1:
+                progress(min(n, sum(map(len, chunks)) * self.ranks))  # about: rank 0 counts for all
+                shown = time.time()
+        x = self.gather(torch.cat(chunks))[:n, self.keep]                    # [n, kept layers, d]
+        return x - x.mean(-1, keepdim=True) if self.center else x
 
     def state_dict(self):
-        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos, "seed": self.seed, "ctx": self.ctx}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state):
-        if (state["seed"], state["ctx"]) != (self.seed, self.ctx):
-            raise ValueError(f"saved stream has seed {state['seed']} and context {state['ctx']}, "
-                             f"expected {self.seed} and {self.ctx}")
-        self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+        self.stream.load_state_dict(state)
+
+def write_activations(path, source, n, chunk, about):
+    """--save_activations: n rows of source (a ResidualSource of one layer) to the .npy `path`,
+    chunk rows at a time, and `about` to the .json beside it, which data.read_about reads. Both
+    appear once complete; an interruption deletes the partial file."""
+    tmp, t0 = path + ".tmp.npy", time.time()
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, source.d))  # [N, d] on disk
+    try:
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            show = lambda rows: data.progress(f"residuals of {about['hook_name']}", min(a + rows, n), n, t0, unit="tokens")
+            out[a:b] = source.next(chunk, show)[:b - a, 0].cpu().numpy()
+            show(b - a)
+        print(file=sys.stderr)
+        out.flush()
+    except BaseException:  # a partial file cannot be resumed: do not leave gigabytes of it behind
+        os.remove(tmp)
+        raise
+    finally:
+        del out  # closes the memory map
+    os.replace(tmp, path)
+    data.write_atomically(data.about_path(path), json.dumps(about, indent=2))
+    print(f"wrote {n:,} x {source.d} activations of {about['hook_name']} to {path} in {data.duration(time.time() - t0)}, "
+          f"described in {data.about_path(path)}")
 
 # -----------------------------------------------------------------------------
-# `python gpt2.py`: the clean model's cross-entropy on held-out tokens. And what the three
-# command lines (gpt2.py, train_sae.py, eval.py) share: their --help, and how they stop.
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except None and "": such flags say in their help what they
-    do without a value, and "(default: None)" would only repeat it less clearly."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, "") else super()._get_help_string(action)
-
-
-def stop_on_sigterm():
-    """Make SIGTERM stop the program as Ctrl-C does, with a KeyboardInterrupt that carries
-    the signal's number."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(signum)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def exit_interrupted(e, what):
-    """End on a KeyboardInterrupt with one line and the shell's status for the signal, 128 + its
-    number: 130 for Ctrl-C, 143 for SIGTERM."""
-    signum = e.args[0] if e.args else signal.SIGINT
-    print(f"\ninterrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
-    sys.exit(128 + signum)
-
+# `python gpt2.py`
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Cross-entropy of GPT-2 small on held-out tokens.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--weights", default=None, help="local model.safetensors (default: download OpenAI's)")
-    p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
+                                formatter_class=runs.HelpFormatter)
+    runs.add_input_flags(p)  # --data, --weights, --cache_dir, --device, --ctx
     p.add_argument("--tokens", type=int, default=1 << 18, help="held-out tokens to score")
-    p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
     p.add_argument("--batch", type=int, default=32, help="contexts per forward")
-    p.add_argument("--cache_dir", default=None, help=f"downloads go here (default: {default_cache_dir()})")
     args = p.parse_args(argv)
-    for flag in ("tokens", "ctx", "batch"):
-        if getattr(args, flag) < (2 if flag == "ctx" else 1):
-            raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.weights is not None:
-        check_weights_path(args.weights)
-    stream = Contexts(corpus(args.data, "eval", args.ctx, args.cache_dir), args.ctx)
+    runs.check_inputs(args, "tokens", "batch")
+    stream = data.Contexts(data.corpus(args.data, "eval", args.ctx, args.cache_dir), args.ctx)
     idx = stream.next(args.batch)  # read the data before the model, so bad data fails fast
-    model = from_pretrained(args.weights, args.cache_dir).to(device)
+    model = from_pretrained(args.weights, args.cache_dir).to(args.device)
     total, count, tokens, t0 = 0.0, 0, 0, time.time()
     with torch.no_grad():
         while len(idx) and tokens < args.tokens:
-            losses = model.token_losses(idx.to(device))  # [batch, ctx-1]
+            losses = model.token_losses(idx.to(args.device))  # [batch, ctx-1]
             total, count, tokens = total + losses.sum().item(), count + losses.numel(), tokens + idx.numel()
-            progress("scoring held-out tokens", tokens, args.tokens, t0, unit="tokens")
+            data.progress("scoring held-out tokens", tokens, args.tokens, t0, unit="tokens")
             idx = stream.next(args.batch)  # [batch, ctx]; empty at the end of the held-out split
     print(file=sys.stderr)
     if tokens < args.tokens:
@@ -647,10 +332,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:
-        exit_interrupted(e, "stopped before the result")
+    runs.command_line(main, lambda: "stopped before the result")

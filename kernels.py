@@ -39,6 +39,7 @@ them on a GPU.
 
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -271,30 +272,6 @@ def sae_forward(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead, impl="torch", d
         return FusedSAE.apply(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead, dtype, precision)
 
 
-def check_fused(device):
-    """Run the fused step once on a small random problem, forward and backward, against the torch
-    reference: None if they agree, else what went wrong (a user's Triton may not compile these
-    kernels). TF32 or not, agreement to 1e-2 is expected."""
-    g = torch.Generator(device).manual_seed(0)
-    B, d, m = 64, 48, 96
-    x = torch.randn(B, d, device=device, generator=g)
-    params = [torch.randn(d, m, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(m, device=device, generator=g),
-              torch.randn(m, d, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(d, device=device, generator=g)]
-    dead, l1_weights = torch.arange(0, m, 7, device=device), torch.ones(m, device=device)
-    results = []
-    try:
-        for impl in ("torch", "triton"):
-            ps = [p.clone().requires_grad_() for p in params]
-            x_hat, l1, pre_dead, fires = sae_forward(x, *ps, l1_weights, dead, impl, dtype=torch.float32)
-            (x_hat.pow(2).sum() + l1.sum() + pre_dead.exp().sum()).backward()
-            results.append([x_hat, l1, pre_dead, fires.float()] + [p.grad for p in ps])
-    except Exception as e:  # a compiler error, or a launch failure
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    for a, b in zip(*results):
-        if not (a.float() - b.float()).norm() <= 1e-2 * b.float().norm() + 1e-6:
-            return "its results differ from the torch reference"
-    return None
-
 # -----------------------------------------------------------------------------
 # The TopK step. A TopK or BatchTopK SAE keeps N = B k entries of pre. Only the encoder's
 # forward (1) needs every entry, to choose them; the other four products touch the kept ones:
@@ -481,32 +458,66 @@ def gathered_dot_torch(ia, a, ib, b, chunk=65536):
                       for s in range(0, len(ia), chunk)] or [a.new_zeros(0, dtype=torch.float32)])
 
 
-def check_sparse(device):
-    """check_fused's counterpart for the TopK step: SparsePre and sparse_decode, impl "triton"
-    against "torch", on a small random problem, forward and backward. None if they agree, else
-    what went wrong. Both sum in fp32, in different orders only."""
+# -----------------------------------------------------------------------------
+# The self-check that --kernels auto runs on CUDA before trusting the kernels (a user's Triton
+# may not compile them), and the choice it informs.
+
+def self_check(device, sparse):
+    """Run a step once on a small random problem, forward and backward, with impl "triton" and
+    "torch": None if they agree, else what went wrong. sparse: the TopK step (SparsePre and
+    sparse_decode), which sums in fp32 in other orders only, so agrees to 1e-4; else relu's
+    fused step, which agrees to 1e-2, TF32 or not."""
     g = torch.Generator(device).manual_seed(0)
-    B, d, m, k = 32, 48, 96, 4
+    B, d, m, k = 64, 48, 96, 4
     x = torch.randn(B, d, device=device, generator=g)
     params = [torch.randn(d, m, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(m, device=device, generator=g),
               torch.randn(m, d, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(d, device=device, generator=g)]
     top = dense_pre(x, params[0], params[1], params[3]).topk(k, dim=1)
-    kept, cols = top.values.flatten(), top.indices.flatten()                        # [B k]
-    rows = torch.arange(B, device=device).repeat_interleave(k)
+    kept, cols, rows = top.values.flatten(), top.indices.flatten(), torch.arange(B, device=device).repeat_interleave(k)
+    dead, l1_weights = torch.arange(0, m, 7, device=device), torch.ones(m, device=device)
     results = []
     try:
         for impl in ("torch", "triton"):
             W_enc, b_enc, W_dec, b_dec = ps = [p.clone().requires_grad_() for p in params]
-            values = SparsePre.apply(kept, x, W_enc, b_enc, b_dec, rows, cols, impl)
-            x_hat = sparse_decode(rows, cols, values, W_dec, B, impl)
-            x_hat.pow(2).sum().backward()
-            results.append([x_hat] + [p.grad for p in ps])
+            if sparse:
+                values = SparsePre.apply(kept, x, W_enc, b_enc, b_dec, rows, cols, impl)
+                out = [sparse_decode(rows, cols, values, W_dec, B, impl)]
+                out[0].pow(2).sum().backward()
+            else:
+                out = x_hat, l1, pre_dead, _ = sae_forward(x, *ps, l1_weights, dead, impl, dtype=torch.float32)
+                (x_hat.pow(2).sum() + l1.sum() + pre_dead.exp().sum()).backward()
+            results.append([t.float() for t in out] + [p.grad for p in ps])
     except Exception as e:  # a compiler error, or a launch failure
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    for a, b in zip(*results):
-        if not (a - b).norm() <= 1e-4 * b.norm() + 1e-6:
-            return "its results differ from the torch reference"
+    tol = 1e-4 if sparse else 1e-2
+    if any(not (a - b).norm() <= tol * b.norm() + 1e-6 for a, b in zip(*results)):
+        return "its results differ from the torch reference"
     return None
+
+
+def check_fused(device):
+    return self_check(device, sparse=False)
+
+
+def check_sparse(device):
+    return self_check(device, sparse=True)
+
+
+def choose(requested, device, arch):
+    """--kernels: "auto" is the Triton kernels on CUDA once they pass their self-check on the device
+    (relu's fused ones, or the sparse ones of topk and batchtopk), else torch, with a WARNING:
+    never silently, though the torch path is correct, only slower. "triton" insists."""
+    check, which = (check_fused, "fused") if arch == "relu" else (check_sparse, "sparse TopK")
+    if requested == "auto":
+        requested = "triton" if device.startswith("cuda") else "torch"
+        problem = check(device) if requested == "triton" else None
+        if problem:
+            print(f"WARNING: the {which} Triton kernels failed their check on {device} ({problem}); "
+                  f"training with the torch path instead (--kernels torch)", file=sys.stderr)
+            requested = "torch"
+    if requested == "triton" and not device.startswith("cuda") and not INTERPRET:
+        raise ValueError("--kernels triton on CPU: expected a CUDA device (or TRITON_INTERPRET=1, for tests)")
+    return requested
 
 # -----------------------------------------------------------------------------
 # `python kernels.py`: every kernel above, in every tile the autotuner may pick, compiled for
@@ -609,7 +620,6 @@ def check_on(device, shapes=((4096, 768, 24576), (1000, 770, 3001))):
 def main():
     import argparse
     import json
-    import sys
     from concurrent.futures import ProcessPoolExecutor
     p = argparse.ArgumentParser(description="Cross-compile every kernel and tile for GPUs and print their resources; "
                                             "or, with --check, test the kernels on a GPU.")

@@ -2,6 +2,8 @@
 Tests, all on CPU and offline. Run: python -m pytest -q test_sae.py
 References are independent of our code: transformers' GPT-2, tiktoken, float64 computations
 written out here, and closed-form cases. The Triton kernels run under Triton's interpreter.
+One section per file, in the README's reading order: train_sae.py, kernels.py, gpt2.py, eval.py,
+dashboard.py, data.py, runs.py; then .ci/run.
 """
 
 import os
@@ -29,13 +31,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import dashboard
+import data
 import eval as evaluation  # "eval" would shadow the builtin
 import gpt2
 import kernels
+import runs
 import train_sae
 
+# Fixtures and helpers that several sections use.
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SMALL = gpt2.GPTConfig(block_size=64, vocab_size=50257, n_layer=3, n_head=4, n_embd=64)
 
 
 def transformers_gpt2(cfg, seed=0):
@@ -45,6 +51,848 @@ def transformers_gpt2(cfg, seed=0):
     hf_cfg = GPT2Config(n_positions=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, n_embd=cfg.n_embd)
     return GPT2LMHeadModel(hf_cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random GPT-2 (3 layers, d 64) in transformers' layout and a token file."""
+    folder = tmp_path_factory.mktemp("tiny")
+    hf = transformers_gpt2(gpt2.GPTConfig(block_size=16, n_layer=3, n_head=1, n_embd=64))
+    hf.save_pretrained(str(folder))
+    data.write_shard(str(folder / "tokens.bin"), np.random.default_rng(0).integers(0, 50257, 60_000).astype(np.uint16))
+    return str(folder / "model.safetensors"), str(folder / "tokens.bin")
+
+
+def tiny_args(tiny, out, *extra, steps=40):
+    weights, tokens = tiny
+    return ["--weights", weights, "--data", tokens, "--out", str(out), "--d_sae", "64", "--batch", "64",
+            "--tokens", str(64 * steps), "--buffer", "512", "--ctx", "16", "--gpt2_batch", "8", "--lr_warmup", "5",
+            "--dead_tokens", str(8 * 64), "--density_window", "4", "--log_every", "4", "--device", "cpu", *extra]
+
+
+def sae_weights(folder):
+    return load_file(os.path.join(folder, "sae_weights.safetensors"))
+
+
+def random_sae(d=12, m=40, seed=0):
+    sae = train_sae.SAE(d, m, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # biases away from zero, so that every term is exercised
+        sae.b_enc.copy_(0.3 * torch.randn(m, generator=g))
+        sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
+        sae.W_enc.mul_(1 + torch.rand(d, m, generator=g))
+    return sae
+
+
+def close(got, ref, tol):
+    """Relative error in the norm, against a float64 reference."""
+    return (got.double() - ref).norm() <= tol * ref.norm() + 1e-12
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args, signal_after_checkpoint=None):
+    """train_sae.py in a subprocess; optionally sent a signal as soon as a checkpoint exists."""
+    proc = subprocess.Popen([sys.executable, "train_sae.py", *args], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    if signal_after_checkpoint:
+        out = args[args.index("--out") + 1]
+        while not os.path.exists(os.path.join(out, "checkpoint.json")):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.005)
+        proc.send_signal(signal_after_checkpoint)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def write_sae_folder(folder, weights, layer, center, apply_b_dec=True, arch="standard"):
+    """A SAELens-format folder written by hand, with the flat pre-6.0 cfg.json of Bloom's releases
+    (and SAELens 6's architecture and k, for topk and jumprelu)."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, "sae_weights.safetensors"))
+    d, m = weights["W_enc"].shape
+    cfg = {"architecture": "standard", "d_in": d, "d_sae": m, "activation_fn_str": "relu", "activation_fn_kwargs": {},
+           "apply_b_dec_to_input": apply_b_dec, "finetuning_scaling_factor": False, "context_size": 16,
+           "model_name": "gpt2", "hook_name": f"blocks.{layer}.hook_resid_pre", "hook_layer": layer,
+           "hook_head_index": None, "prepend_bos": True, "dataset_path": "Skylion007/openwebtext",
+           "normalize_activations": "none", "dtype": "float32", "device": "cpu",
+           "model_from_pretrained_kwargs": {"center_writing_weights": center}}
+    cfg.update({"architecture": arch, **({"k": TOPK} if arch == "topk" else {})})
+    with open(os.path.join(folder, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    return folder
+
+
+TOPK = 8  # the k of hand-written topk folders
+
+
+def eval_args(tiny, *folders, tokens=10 ** 6):
+    return [*map(str, folders), "--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--batch", "7",
+            "--tokens", str(tokens), "--device", "cpu"]
+
+
+def random_sae_weights(d, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(d, m, generator=g) / d ** 0.5, "b_enc": -0.5 * torch.rand(m, generator=g),
+            "W_dec": torch.randn(m, d, generator=g) / d ** 0.5, "b_dec": 0.1 * torch.randn(d, generator=g)}
+
+
+# -----------------------------------------------------------------------------
+# train_sae.py: the losses and their gradients against float64, init, the decoder constraint, dead
+# features, TopK and BatchTopK, and the SAEs a run writes.
+
+
+def reference_loss(P, x, l1_coef, dead, convention):
+    """The loss in float64 from the formulas alone: plain autograd, no custom backward."""
+    x = x.double()
+    pre = (x - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
+    f = torch.relu(pre)
+    x_hat = f @ P["W_dec"] + P["b_dec"]
+
+    def mse(a, b):
+        if convention == "seed":
+            return ((a - b) ** 2 / x.norm(dim=1, keepdim=True)).mean()
+        return ((a - b) ** 2).sum(1).mean()
+    rec = mse(x_hat, x)
+    l1 = l1_coef * (f.sum(1).mean() if convention == "seed" else (f * P["W_dec"].norm(dim=1)).sum(1).mean())
+    loss = rec + l1
+    if dead is not None:
+        r = (x - x_hat).detach()
+        g = torch.exp(pre[:, dead]) @ P["W_dec"][dead]
+        g = g * (r.norm(dim=1, keepdim=True) / (2 * g.norm(dim=1, keepdim=True))).detach()
+        ghost = mse(g, r)
+        loss = loss + ghost * (rec / ghost).detach()
+    return loss
+
+
+def against_float64(sae, loss, x, dead, convention):
+    """Backpropagate `loss` and the float64 reference; the reference loss, and each parameter
+    gradient's relative error."""
+    loss.backward()
+    P = {k: v.detach().double().requires_grad_() for k, v in sae.named_parameters()}
+    ref = reference_loss(P, x, 1e-2, dead, convention)
+    ref.backward()
+    return ref.item(), {name: ((param.grad.double() - P[name].grad).norm() / P[name].grad.norm()).item()
+                        for name, param in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("convention", ["seed", "saelens"])
+@pytest.mark.parametrize("dead, long_dead", [(None, False), ([3, 7, 20, 21], False), ([3, 7, 20, 21], True)],
+                         ids=["no-dead", "dead", "long-dead"])
+def test_loss_and_gradients_match_float64(convention, dead, long_dead):
+    sae = random_sae()
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    dead_idx = None if dead is None else torch.tensor(dead)
+    if long_dead:  # pre-activations near -100: exp underflows float32 unless handled
+        with torch.no_grad():
+            sae.b_enc[dead_idx] = -100 - torch.arange(4.0)
+    loss, parts, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention)
+    ref, errors = against_float64(sae, loss, x, dead_idx, convention)
+    assert abs(loss.item() - ref) < 1e-5 * abs(ref)
+    if dead is not None:  # the ghost term is rescaled to the MSE's value
+        assert abs(parts["ghost"].item() - parts["mse"].item()) < 1e-6 * parts["mse"].item()
+    assert 0 < fires.sum() < 16 * 40  # some features on, some off
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("convention", ["seed", "saelens"])
+def test_bf16_autocast_gradients(convention):
+    """The precision CUDA runs in by default, here through CPU autocast: the same code path
+    (custom backward included) must give the float64 gradients to bf16 accuracy."""
+    sae = random_sae(d=64, m=256)
+    x = 2 * torch.randn(128, 64, generator=torch.Generator().manual_seed(5))
+    dead = torch.arange(0, 256, 9)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, _, _, _ = train_sae.sae_loss(sae, x, 1e-2, dead, convention)
+    ref, errors = against_float64(sae, loss, x, dead, convention)
+    assert abs(loss.item() - ref) < 2e-2 * abs(ref)
+    assert all(param.grad.dtype == torch.float32 for param in sae.parameters())
+    assert max(errors.values()) < 2e-2, errors  # measured 2e-3 to 5e-3
+
+
+def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
+    sae = random_sae()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    W, G = sae.W_dec.detach().double(), sae.W_dec.grad.double()
+    expected = G - (G * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True)  # rows are unit already
+    train_sae.remove_parallel_grad(sae)
+    assert (sae.W_dec.grad.double() - expected).abs().max() < 1e-6
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    # One whole optimizer step keeps every row at unit norm.
+    args = train_sae.parse_args(["--d_sae", "40", "--lr", "1e-2", "--lr_warmup", "1", "--kernels", "torch"])
+    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-2), "cpu")
+    before = sae.W_dec.detach().clone()
+    train_sae.train_step(t, torch.randn(32, 12), 0, args, lambda: torch.autocast("cpu", enabled=False), False)
+    assert not torch.equal(before, sae.W_dec)
+    assert (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-6
+
+
+def test_geometric_median():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(3000, 16, generator=g), 30 + 5 * torch.randn(500, 16, generator=g)])  # outliers
+    y = train_sae.geometric_median(x).double()
+    X = x.double()
+    objective = lambda v: (X - v).norm(dim=1).sum()
+    # Reference optimum in float64 by L-BFGS, a different method, from the coordinate-wise median.
+    ref = X.median(0).values.clone().requires_grad_()
+    opt = torch.optim.LBFGS([ref], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    opt.step(lambda: (opt.zero_grad(), objective(ref).backward(), objective(ref))[2])
+    assert (y - ref.detach()).norm() < 1e-3 * ref.norm()
+    assert objective(y) <= objective(ref.detach()) * (1 + 1e-7)
+    assert objective(y) < 0.9 * objective(X.mean(0))  # the outliers pull the mean away
+    # At the optimum the unit vectors towards the points cancel.
+    unit = (X - y) / (X - y).norm(dim=1, keepdim=True)
+    assert unit.sum(0).norm() < 1e-3 * len(X)
+
+
+def test_ghost_grads_reach_dead_features_only_when_on():
+    sae = random_sae()
+    dead = torch.tensor([3, 7, 20])
+    with torch.no_grad():
+        sae.b_enc[dead] = -100  # these never fire
+    x = torch.randn(64, 12)
+    for ghost in (True, False):
+        sae.zero_grad()
+        loss, _, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead if ghost else None, "seed")
+        loss.backward()
+        assert (fires[dead] == 0).all()
+        for grad in (sae.W_enc.grad[:, dead], sae.b_enc.grad[dead], sae.W_dec.grad[dead]):
+            assert (grad.abs().sum() > 0) == ghost
+    # Through the training step: with the flag off, forced-dead features stay exactly as they were.
+    for ghost in (True, False):
+        sae = random_sae()
+        with torch.no_grad():
+            sae.b_enc[dead] = -100
+        args = train_sae.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_tokens", str(3 * 4096), "--kernels", "torch",
+                                       "--ghost_grads" if ghost else "--no-ghost_grads"])
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        before = sae.W_enc[:, dead].detach().clone()
+        for step in range(6):
+            train_sae.train_step(t, torch.randn(64, 12), step, args, lambda: torch.autocast("cpu", enabled=False), False)
+        assert (t.since_fired[dead] >= 3).all()
+        assert torch.equal(before, sae.W_enc[:, dead].detach()) != ghost
+
+
+@pytest.mark.parametrize("norm", [0.1, 10, 1000])
+def test_initial_reconstruction_is_as_long_as_the_input(norm):
+    """W_enc = W_dec^T alone makes the first x_hat about m / (2d) = 8 times too long; the
+    data-scaled init, on data of any norm, gets within 20%, and explains some variance."""
+    g = torch.Generator().manual_seed(0)
+    d, m = 64, 1024
+    x = torch.randn(8192, d, generator=g) + 0.5 * torch.randn(d, generator=g)   # an offset, as residuals have
+    x *= norm / x.norm(dim=1).mean()
+    scale = d ** 0.5 / x.norm(dim=1).mean()                                 # what --normalize does
+    sae = train_sae.SAE(d, m)
+    with torch.no_grad():
+        naive = sae.W_enc.clone()
+        train_sae.init_from_data(sae, x * scale)
+        x_hat = sae(x * scale)[2] / scale
+        ratio = (x_hat.norm(dim=1).mean() / x.norm(dim=1).mean()).item()
+        assert abs(ratio - 1) < 0.2, ratio
+        ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert ev > 0.5, ev
+        x_in = x * scale - sae.b_dec                                        # the undamped start, for contrast
+        assert (torch.relu(x_in @ naive) @ sae.W_dec).norm(dim=1).mean() > 6 * x_in.norm(dim=1).mean()
+
+
+def test_first_logged_explained_variance_is_not_negative(tmp_path):
+    """GPT-2-shaped data (m = 32 d, residual norms in the hundreds): the very first step's
+    explained variance, which the issue saw near -200 before the data-scaled init."""
+    g = torch.Generator().manual_seed(0)
+    x = 300 * (torch.randn(4096, 48, generator=g) + torch.randn(48, generator=g))
+    np.save(tmp_path / "acts.npy", x.numpy())
+    train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", str(32 * 48), "--batch", "512",
+                    "--tokens", str(3 * 512), "--buffer", "2048", "--lr_warmup", "10", "--log_every", "1",
+                    "--out", str(tmp_path / "run"), "--device", "cpu"])
+    first = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
+    assert first["step"] == 1 and first["explained_variance"] >= 0, first
+
+
+def test_normalize_makes_l1_mean_the_same_at_any_data_norm(tmp_path):
+    """SAELens's loss is quadratic in the data and its L1 term linear, so the same --l1 gives a
+    different L0 on data 100 times larger, unless the inputs are normalized. Normalized, the two
+    runs are the same run; the saved SAEs differ only by the factor, folded into the biases
+    (f in the input's units)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, 16, generator=g) + torch.randn(16, generator=g)
+    runs = {}
+    for norm in (1, 100):
+        np.save(tmp_path / f"acts{norm}.npy", (norm * x).numpy())
+        for flag in ("--normalize", "--no-normalize"):
+            out = tmp_path / f"run{norm}{flag}"
+            (t,) = train_sae.main(["--activations", str(tmp_path / f"acts{norm}.npy"), "--loss", "saelens",
+                                   "--l1", "3", "--d_sae", "64", "--batch", "256", "--tokens", str(100 * 256), "--lr", "2e-3",
+                                   "--buffer", "1024", "--lr_warmup", "5", "--log_every", "100", "--no-center",
+                                   flag, "--out", str(out), "--device", "cpu"])
+            runs[norm, flag] = json.loads(open(out / "log.jsonl").readline())["l0"], sae_weights(out / "blocks.9.hook_resid_pre")
+    (l0_1, w1), (l0_100, w100) = runs[1, "--normalize"], runs[100, "--normalize"]
+    assert abs(l0_1 - l0_100) < 0.02 * l0_1, (l0_1, l0_100)
+    assert torch.allclose(w1["W_enc"], w100["W_enc"], atol=1e-4) and torch.allclose(w1["W_dec"], w100["W_dec"], atol=1e-4)
+    for k in ("b_enc", "b_dec"):
+        assert torch.allclose(100 * w1[k], w100[k], rtol=1e-3, atol=1e-3), k
+    f1 = torch.relu((x - w1["b_dec"]) @ w1["W_enc"] + w1["b_enc"])           # the saved SAEs, on their own inputs
+    f100 = torch.relu((100 * x - w100["b_dec"]) @ w100["W_enc"] + w100["b_enc"])
+    assert torch.allclose(100 * f1, f100, rtol=1e-3, atol=1e-2)
+    l0_raw_1, l0_raw_100 = runs[1, "--no-normalize"][0], runs[100, "--no-normalize"][0]
+    assert l0_raw_100 > 2 * l0_raw_1, (l0_1, l0_raw_1, l0_raw_100)          # what normalizing prevents
+
+
+@pytest.mark.parametrize("dead", [None, [3, 7, 20]], ids=["no-dead", "dead"])
+def test_seed_loss_is_homogeneous_so_bloom_l1_is_unchanged_by_normalizing(dead):
+    """The seed's loss scales by s when x and both biases do (the MSE is divided by ||x||, and
+    f scales by s under unit-norm rows), so its minimizers, and the L0 that --l1 8e-5 gives,
+    do not depend on --normalize. Checked on the loss itself, ghost term included."""
+    sae = random_sae()
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    dead = None if dead is None else torch.tensor(dead)
+    loss, parts, _, _ = train_sae.sae_loss(sae, x, 8e-5, dead)
+    s = 37.0
+    with torch.no_grad():
+        sae.b_enc *= s
+        sae.b_dec *= s
+    loss_s, parts_s, _, _ = train_sae.sae_loss(sae, s * x, 8e-5, dead)
+    for k in parts:
+        assert torch.allclose(parts_s[k], s * parts[k], rtol=1e-5), k
+    assert torch.allclose(loss_s, s * loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mechanism", ["ghost", "resample", "none"])
+def test_dead_features_revive_within_a_short_run(mechanism):
+    """Half the features start dead (their b_enc below every pre-activation on the data). In a
+    300-step run, far shorter than the old 5,000-step window, the window scaled to the run
+    (30 steps) lets ghost gradients, or resampling every 64 steps, bring most of them back;
+    with neither they stay dead."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(96, 16, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    samples = ((torch.rand(20_000, 96, generator=g) < 4 / 96) * torch.rand(20_000, 96, generator=g)) @ atoms
+    steps, batch = 300, 256
+    sae = train_sae.SAE(16, 64)
+    with torch.no_grad():
+        train_sae.init_from_data(sae, samples)
+        pre = (samples - sae.b_dec) @ sae.W_enc
+        sae.b_enc[:32] = -pre[:, :32].max(0).values - 0.05                   # dead by construction
+    args = train_sae.parse_args(["--batch", str(batch), "--tokens", str(steps * batch), "--lr", "1e-3",
+                                   "--lr_warmup", "10", "--l1", "1e-3", "--kernels", "torch",
+                                   "--ghost_grads" if mechanism == "ghost" else "--no-ghost_grads"])
+    assert train_sae.dead_after(args) == 30
+    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+    for step in range(steps):
+        if mechanism == "resample" and step % 64 == 0:  # what run_steps does at each refill
+            train_sae.resample_dead(t, samples[:4096], args, step)
+        x = samples[torch.randint(len(samples), (batch,), generator=g)]
+        train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
+    with torch.no_grad():
+        never_fired = (sae(samples)[1][:, :32] > 0).sum(0).eq(0).sum().item()
+    assert never_fired <= 8 if mechanism != "none" else never_fired == 32, never_fired
+
+
+def known_dictionary(path, n=100_000):
+    """64 unit atoms in d = 32, about 3 active per sample, on a shared offset as residuals have;
+    the samples are written to `path` (.npy)."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(64, 32, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    offset = torch.randn(32, generator=g) * 5 / 32 ** 0.5
+    active = torch.rand(n, 64, generator=g) < 3 / 64
+    x = ((1 + torch.rand(n, 64, generator=g)) * active) @ atoms + offset
+    np.save(path, x.numpy())
+    return atoms
+
+
+def recovered(atoms, folder):
+    """The share of atoms with a decoder row within cosine 0.9 of them."""
+    W = load_file(os.path.join(folder, "sae_weights.safetensors"))["W_dec"]
+    return ((atoms @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values > 0.9).float().mean().item()
+
+
+def test_it_learns_a_known_dictionary(tmp_path):
+    atoms = known_dictionary(tmp_path / "acts.npy")
+    train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", "128", "--batch", "1024",
+                    "--tokens", str(5000 * 1024), "--buffer", "16384", "--lr", "1e-3", "--l1", "3.6e-3",
+                    "--lr_warmup", "100", "--dead_tokens", str(1000 * 1024), "--no-center", "--out", str(tmp_path / "run"),
+                    "--log_every", "1000", "--device", "cpu"])
+    assert recovered(atoms, tmp_path / "run" / "blocks.9.hook_resid_pre") >= 0.9
+
+
+# TopK and BatchTopK (--arch).
+
+def reference_topk_loss(P, x, arch, k, dead, k_aux, coef):
+    """The TopK loss in float64 from the formulas alone, dense [B, m] masks and plain autograd:
+    the loss, and the mask of features that fire."""
+    x = x.double()
+    pre = (x - P["b_dec"]) @ P["W_enc"] + P["b_enc"]                                  # [B, m]
+    B, m = pre.shape
+    with torch.no_grad():
+        if arch == "topk":
+            keep = torch.zeros(B, m, dtype=torch.bool).scatter_(1, pre.topk(k, dim=1).indices, True)
+        else:
+            keep = pre >= pre.flatten().topk(B * k).values.min()
+        keep &= pre > 0
+    x_hat = (pre * keep) @ P["W_dec"] + P["b_dec"]
+    nmse = lambda a, b: (a - b).pow(2).sum(1).mean() / (b - b.mean(0)).pow(2).sum(1).mean()
+    loss = nmse(x_hat, x)
+    if dead is not None:
+        with torch.no_grad():
+            among_dead = torch.full_like(pre, -math.inf)
+            among_dead[:, dead] = pre[:, dead]
+            aux = torch.zeros(B, m, dtype=torch.bool).scatter_(1, among_dead.topk(min(k_aux, len(dead)), dim=1).indices, True)
+        e = (x - x_hat).detach()
+        loss = loss + coef * nmse((pre * aux) @ P["W_dec"], e)
+    return loss, keep
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
+                         ids=["no-dead", "dead", "k_aux-capped"])
+def test_topk_step_matches_dense_float64(arch, dead, k_aux):
+    """The sparse step (kernels.SparsePre, sparse_decode) against a dense float64 formulation:
+    value, every gradient, and the count of what fires."""
+    sae, B, k = random_sae(), 16, 4
+    x = 2 * torch.randn(B, 12, generator=torch.Generator().manual_seed(5))
+    is_dead = torch.zeros(40, dtype=torch.bool)
+    is_dead[dead or []] = True
+    loss, parts, fires, x_hat, cut = train_sae.topk_loss(sae, x, arch, k, is_dead, k_aux, 0.25)
+    loss.backward()
+    P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
+    ref, keep = reference_topk_loss(P, x, arch, k, dead, k_aux, 0.25)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    for name, param in sae.named_parameters():
+        err = (param.grad.double() - P[name].grad).norm() / P[name].grad.norm()
+        assert err < 1e-5, (name, err.item())
+    assert (parts["auxk"].item() == 0) == (dead is None)  # exactly 0 with no dead features
+    # Exactly k per token (topk) or B k per batch (batchtopk), and those are what fire.
+    assert fires.sum() == B * k and torch.equal(fires, keep.sum(0))
+    per_token = keep.sum(1)
+    assert (per_token == k).all() if arch == "topk" else per_token.min() < k < per_token.max()
+    if arch == "batchtopk":  # the cut is the (B k)-th largest pre-activation
+        pre = (x.double() - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
+        assert abs(cut.item() - pre.flatten().topk(B * k).values.min().item()) < 1e-5
+
+
+def test_auxk_revives_dead_features():
+    """Half the features start dead (b_enc below every pre-activation they have on the data).
+    300 steps with AuxK bring most of them back; without it they all stay dead."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(96, 16, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    samples = ((torch.rand(20_000, 96, generator=g) < 4 / 96) * torch.rand(20_000, 96, generator=g)) @ atoms
+    steps, batch, never_fired = 300, 256, {}
+    for coef in ("0.03125", "0"):
+        sae = train_sae.SAE(16, 64, arch="topk", k=4)
+        with torch.no_grad():
+            train_sae.init_from_data(sae, samples)
+            sae.b_enc[:32] = -((samples - sae.b_dec) @ sae.W_enc[:, :32]).max(0).values - 0.05  # dead by construction
+        args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--batch", str(batch), "--tokens", str(steps * batch),
+                                       "--lr", "1e-3", "--lr_warmup", "10", "--auxk_coef", coef, "--k_aux", "16",
+                                       "--kernels", "torch"])
+        assert train_sae.dead_after(args) == 30
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        order = torch.Generator().manual_seed(1)
+        for step in range(steps):
+            x = samples[torch.randint(len(samples), (batch,), generator=order)]
+            train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
+        with torch.no_grad():
+            never_fired[coef] = (sae(samples)[1][:, :32] > 0).sum(0).eq(0).sum().item()
+    assert never_fired["0"] == 32 and never_fired["0.03125"] <= 8, never_fired
+
+
+def known_dictionary_run(tmp_path, *flags, steps):
+    """Train on the known dictionary's samples; (atoms, the SAE as saved, 10,000 held-out samples)."""
+    atoms = known_dictionary(tmp_path / "all.npy", n=110_000)
+    x = np.load(tmp_path / "all.npy")
+    np.save(tmp_path / "train.npy", x[:100_000])
+    train_sae.main(["--activations", str(tmp_path / "train.npy"), "--d_sae", "128", "--batch", "1024",
+                    "--tokens", str(steps * 1024), "--buffer", "16384", "--lr", "1e-3", "--lr_warmup", "100",
+                    "--no-center", "--out", str(tmp_path / "run"), "--log_every", "1000", "--device", "cpu", *flags])
+    folder = tmp_path / "run" / "blocks.9.hook_resid_pre"
+    sae, _, _ = evaluation.load_sae(str(folder), 32)
+    return atoms, folder, sae, torch.from_numpy(x[100_000:])
+
+
+def test_topk_learns_a_known_dictionary(tmp_path):
+    atoms, folder, sae, held_out = known_dictionary_run(tmp_path, "--arch", "topk", "--k", "3", steps=800)
+    assert recovered(atoms, folder) >= 0.9
+    with torch.no_grad():
+        per_token = (sae(held_out)[1] > 0).sum(1)
+    # Fewer only where a top pre-activation is <= 0: about 5% of the samples have no atom at all.
+    assert per_token.max() == 3 and (per_token == 3).double().mean() > 0.9
+
+
+def test_batchtopk_threshold_gives_k_at_inference(tmp_path):
+    """The saved JumpReLU, with the threshold learnt in training, fires k times per held-out
+    sample on average, within 10%."""
+    _, _, sae, held_out = known_dictionary_run(tmp_path, "--arch", "batchtopk", "--k", "3", steps=800)
+    assert sae.arch == "jumprelu" and sae.threshold.min() == sae.threshold.max() > 0
+    with torch.no_grad():
+        l0 = (sae(held_out)[1] > 0).sum(1).double().mean().item()
+    assert abs(l0 - 3) <= 0.3, l0
+
+
+def test_each_layer_gets_its_own_activations(tiny, tmp_path):
+    """Two SAEs from one forward equal: one trained alone; one trained on a cached file of
+    exactly its layer's residuals, which we check against gpt2.py directly."""
+    both = train_sae.main(tiny_args(tiny, tmp_path / "both", "--layer", "0,2"))
+    alone = train_sae.main(tiny_args(tiny, tmp_path / "alone", "--layer", "0"))
+    assert torch.equal(both[0].sae.W_enc, alone[0].sae.W_enc) and torch.equal(both[0].sae.b_dec, alone[0].sae.b_dec)
+    assert not torch.equal(both[0].sae.W_enc, both[1].sae.W_enc)
+    # 40 steps of 64 read the first half-buffer and 10 refills: 11 x 256 residuals.
+    rows = 11 * 256
+    train_sae.main(tiny_args(tiny, tmp_path, "--layer", "2", "--save_activations", str(tmp_path / "acts.npy"),
+                             "--tokens", str(rows)))
+    acts = np.load(tmp_path / "acts.npy")
+    model = gpt2.from_pretrained(tiny[0])
+    stream = data.Contexts(data.corpus(tiny[1], "train", 16), 16, seed=0)
+    with torch.no_grad():
+        ref = model.residuals(stream.next(rows // 16), [2])[2].reshape(-1, 64)  # [rows, d], uncentred
+    assert acts.shape == (rows, 64) and np.allclose(acts, ref.numpy(), atol=1e-5)
+    from_file = train_sae.main(tiny_args(tiny, tmp_path / "file", "--layer", "2", "--activations", str(tmp_path / "acts.npy")))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(from_file[0].sae, name), getattr(both[1].sae, name)), name
+
+
+def test_output_is_saelens_format_and_reloads(tiny, tmp_path):
+    out = tmp_path / "run"
+    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1"))
+    folder = out / "blocks.1.hook_resid_pre"
+    assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    cfg = json.load(open(folder / "cfg.json"))
+    assert cfg["hook_name"] == "blocks.1.hook_resid_pre" and cfg["hook_layer"] == 1
+    assert (cfg["d_in"], cfg["d_sae"], cfg["architecture"], cfg["activation_fn_str"]) == (64, 64, "standard", "relu")
+    assert cfg["apply_b_dec_to_input"] is True and cfg["model_from_pretrained_kwargs"] == {"center_writing_weights": True}
+    assert "sae_lens_version" not in cfg and cfg["context_size"] == 16 and cfg["normalize_activations"] == "none"
+    weights = sae_weights(folder)
+    assert {k: list(v.shape) for k, v in weights.items()} == {"W_enc": [64, 64], "b_enc": [64], "W_dec": [64, 64], "b_dec": [64]}
+    reloaded = train_sae.SAE(64, 64)
+    reloaded.load_state_dict(weights)
+    x = torch.randn(50, 64)
+    s = t.scale.item()  # it trained on x * s (--normalize); the saved SAE takes x, and gives f / s
+    assert s != 1
+    with torch.no_grad():
+        _, f_trained, x_hat_trained = t.sae(x * s)
+        assert torch.allclose(reloaded(x)[1], f_trained / s, atol=1e-5)
+        assert torch.allclose(reloaded(x)[2], x_hat_trained / s, atol=1e-5)
+        # SAELens's forward, written out: f = relu((x - b_dec) W_enc + b_enc).
+        f = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
+        assert torch.allclose(f, f_trained / s, atol=1e-5)
+    sparsity = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
+    assert sparsity.shape == (64,) and torch.allclose(sparsity, torch.log10(t.density + 1e-10))
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == list(range(4, 41, 4))
+    assert {"tokens", "tokens_per_s", "mse", "l1", "ghost", "l0", "explained_variance", "dead_pct", "lr"} <= set(records[-1])
+    # A finished run is not overwritten without --force.
+    with pytest.raises(ValueError, match="holds a run already: pass --force"):
+        train_sae.main(tiny_args(tiny, out, "--layer", "1"))
+    train_sae.main(tiny_args(tiny, out, "--layer", "1", "--force"))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
+    """topk is saved as SAELens's "topk" with its k; batchtopk as "jumprelu" with the threshold
+    learnt in training. eval.py's loader reads both back to the trained function."""
+    out = tmp_path / "run"
+    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1", "--arch", arch, "--k", "4"))
+    folder = out / "blocks.1.hook_resid_pre"
+    cfg, weights = json.load(open(folder / "cfg.json")), sae_weights(folder)
+    s = t.scale.item()
+    if arch == "topk":
+        assert (cfg["architecture"], cfg["k"], cfg["activation_fn_kwargs"]) == ("topk", 4, {"k": 4})
+        assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    else:
+        assert (cfg["architecture"], cfg["activation_fn_str"]) == ("jumprelu", "relu")
+        theta = weights["threshold"]
+        assert theta.shape == (64,) and (theta == theta[0]).all() and theta[0] > 0
+        assert abs(theta[0].item() - t.sae.threshold[0].item() / s) < 1e-6 * theta[0].item()  # in input units
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert {"mse", "auxk", "l0", "explained_variance", "dead_pct"} <= set(records[-1])
+    assert ("threshold" in records[-1]) == (arch == "batchtopk") and "l1" not in records[-1]
+    sae, layer, center = evaluation.load_sae(str(folder), 64)
+    x = 3 * torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, f_trained, x_hat_trained = t.sae(x * s)
+        _, f, x_hat = sae(x)
+        assert torch.allclose(f, f_trained / s, atol=1e-5) and torch.allclose(x_hat, x_hat_trained / s, atol=1e-5)
+        # SAELens's forward, written out.
+        pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+        if arch == "topk":
+            top = pre.topk(4, dim=1)
+            ref = torch.zeros_like(pre).scatter_(1, top.indices, torch.relu(top.values))
+        else:
+            ref = torch.relu(pre) * (pre > weights["threshold"])
+        assert torch.allclose(f, ref, atol=1e-5) and (f > 0).any()
+
+
+# -----------------------------------------------------------------------------
+# kernels.py, under Triton's interpreter: tiny shapes, none of them a multiple of the 64 x 64 x 32
+# tile; the fused step with no dead features, some, and all; the TopK step's kernels; the
+# self-checks and the choice of kernels; and the cross-compile for GPUs that are not here.
+
+
+KERNEL_SHAPES = [(70, 50, 150), (1, 33, 65), (130, 96, 64)]  # B, d, m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_encode_kernel(dtype, shape):
+    B, d, m = shape
+    g = torch.Generator().manual_seed(B * d + m)
+    x_in = torch.randn(B, d, generator=g).to(dtype)
+    W = (torch.randn(d, m, generator=g) / d ** 0.5).to(dtype)
+    b = 0.5 * torch.randn(m, generator=g)
+    l1w = 0.5 + torch.rand(m, generator=g)
+    f_out = torch.full((B, m), float("nan"), dtype=dtype)  # poisoned: every element must be written
+    f, l1, fires = kernels.encode(x_in, W, b, l1w, f=f_out)
+    pre = x_in.double() @ W.double() + b.double()  # float64, from the same (rounded) operands
+    f_ref = torch.relu(pre)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16 only in how f is stored
+    assert f is f_out and not f.isnan().any() and close(f, f_ref, tol)
+    assert close(l1, f_ref @ l1w.double(), 1e-6)  # summed from the fp32 accumulator
+    assert torch.equal(fires, (f_ref > 0).sum(0).int())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pre_grad_kernel(dtype, shape):
+    B, d, m = shape
+    g = torch.Generator().manual_seed(B * d + m + 1)
+    d_x_hat = torch.randn(B, d, generator=g).to(dtype)
+    W_dec = (torch.randn(m, d, generator=g) / d ** 0.5).to(dtype)
+    f = torch.relu(torch.randn(B, m, generator=g)).to(dtype)  # about half zero
+    d_l1 = torch.randn(B, generator=g)
+    l1w = 0.5 + torch.rand(m, generator=g)
+    out = torch.full((B, m), float("nan"), dtype=dtype)
+    d_pre = kernels.pre_grad(d_x_hat, W_dec, f, d_l1, l1w, d_pre=out)
+    ref = (d_x_hat.double() @ W_dec.double().T + d_l1.double()[:, None] * l1w.double()) * (f > 0)
+    assert d_pre is out and not d_pre.isnan().any()
+    assert close(d_pre, ref, 1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("convention", ["seed", "saelens"])
+@pytest.mark.parametrize("dead", [None, [3, 7, 20, 21], list(range(40))], ids=["no-dead", "dead", "all-dead"])
+def test_fused_step_matches_float64(convention, dead):
+    """The whole fused function, through the loss, in fp32: loss and every gradient."""
+    sae = random_sae()
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    dead_idx = None if dead is None else torch.tensor(dead)
+    loss, _, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention, impl="triton")
+    ref, errors = against_float64(sae, loss, x, dead_idx, convention)
+    assert abs(loss.item() - ref) < 1e-5 * abs(ref) and 0 < fires.sum() < 16 * 40
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_fused_step_in_fp16():
+    """Half-precision operands (what bf16 is on a GPU; the interpreter cannot do bf16 dots)."""
+    sae = random_sae(d=64, m=256)
+    x = 2 * torch.randn(128, 64, generator=torch.Generator().manual_seed(5))
+    dead = torch.arange(0, 256, 9)
+    with torch.autocast("cpu", torch.float16):
+        loss, _, _, _ = train_sae.sae_loss(sae, x, 1e-2, dead, "seed", impl="triton")
+    ref, errors = against_float64(sae, loss, x, dead, "seed")
+    assert abs(loss.item() - ref) < 1e-2 * abs(ref)
+    assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
+    assert max(errors.values()) < 1e-2, errors
+
+
+def test_fused_self_check(monkeypatch):
+    """What --kernels auto runs on CUDA before trusting the kernels: here, under the interpreter."""
+    assert kernels.check_fused("cpu") is None
+    monkeypatch.setattr(kernels, "encode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
+    assert kernels.check_fused("cpu") == "RuntimeError: PTX too new"
+    monkeypatch.undo()
+    real = kernels.pre_grad
+    monkeypatch.setattr(kernels, "pre_grad", lambda *a, **k: real(*a, **k) * 1.1)
+    assert kernels.check_fused("cpu") == "its results differ from the torch reference"
+
+
+# The TopK step's kernels.
+
+def bags(sizes):
+    """Entries sorted by bag, `sizes` of them in each: (each entry's bag, where each bag starts)."""
+    bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+    return bag, kernels.bag_offsets(bag, len(sizes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("sizes, d", [([3, 0, 17, 1, 0], 13), ([0, 40, 2], 130), ([0, 0], 5)],
+                         ids=["empty-bags", "long-bag-two-column-blocks", "no-entries"])
+def test_bag_sum_kernel(dtype, sizes, d):
+    g = torch.Generator().manual_seed(len(sizes) * d)
+    bag, starts = bags(sizes)
+    index = torch.randint(23, (len(bag),), generator=g)
+    weights = torch.randn(len(bag), generator=g)
+    table = torch.randn(23, d + 3, generator=g).to(dtype)[:, :d]  # a row stride that is not d
+    out = torch.full((len(sizes), d), float("nan"))  # poisoned: every element must be written
+    got = kernels.bag_sum(index, weights, starts, table, out=out)
+    ref = torch.zeros(len(sizes), d, dtype=torch.float64).index_add_(0, bag, weights.double()[:, None] * table.double()[index])
+    assert got is out and not got.isnan().any() and close(got, ref, 1e-6)  # fp32 sums of the same operands
+    assert close(kernels.bag_sum_torch(index, weights, starts, table.float()), ref, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N, d", [(37, 13), (5, 130), (0, 8)])
+def test_gathered_dot_kernel(dtype, N, d):
+    g = torch.Generator().manual_seed(N + d)
+    a = torch.randn(11, d + 2, generator=g).to(dtype)[:, :d]
+    b = torch.randn(19, d, generator=g).to(dtype)
+    ia, ib = torch.randint(11, (N,), generator=g), torch.randint(19, (N,), generator=g)
+    out = torch.full((N,), float("nan"))
+    got = kernels.gathered_dot(ia, a, ib, b, out=out)
+    ref = (a.double()[ia] * b.double()[ib]).sum(1)
+    assert got is out and not got.isnan().any() and close(got, ref, 1e-6)
+    assert close(kernels.gathered_dot_torch(ia, a, ib, b, chunk=4), ref, 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
+                         ids=["no-dead", "dead", "k_aux-capped"])
+def test_topk_step_triton_matches_dense_float64(arch, dead, k_aux):
+    """topk_loss with impl "triton" against the dense float64 formulation (value and every
+    gradient), and against impl "torch" (x_hat, what fires)."""
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    is_dead = torch.zeros(40, dtype=torch.bool)
+    is_dead[dead or []] = True
+    runs = {}
+    for impl in ("torch", "triton"):
+        sae = random_sae()
+        loss, parts, fires, x_hat, _ = train_sae.topk_loss(sae, x, arch, 4, is_dead, k_aux, 0.25, impl=impl)
+        loss.backward()
+        runs[impl] = sae, loss, parts, fires, x_hat
+    sae, loss, parts, fires, x_hat = runs["triton"]
+    P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
+    ref, keep = reference_topk_loss(P, x, arch, 4, dead, k_aux, 0.25)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item() and (parts["auxk"].item() == 0) == (dead is None)
+    for name, param in sae.named_parameters():
+        err = (param.grad.double() - P[name].grad).norm() / P[name].grad.norm()
+        assert err < 1e-5, (name, err.item())
+    assert torch.equal(fires, keep.sum(0)) and torch.equal(fires, runs["torch"][3])
+    assert close(x_hat, runs["torch"][4].double(), 1e-6)
+
+
+def steps_with_each_kernels(args, make_sae, n_dead, batch, steps):
+    """{impl: (Trainee, last record)} after `steps` train_steps with --kernels torch and triton,
+    on the same batches, from the same SAE with its first n_dead features dead from the start."""
+    runs = {}
+    for impl in ("torch", "triton"):
+        args.kernels = impl
+        sae = make_sae()
+        with torch.no_grad():
+            sae.b_enc[:n_dead] = -20
+        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
+        g = torch.Generator().manual_seed(0)
+        for step in range(steps):
+            record = train_sae.train_step(t, torch.randn(batch, sae.b_dec.shape[0], generator=g) + 1, step, args,
+                                          lambda: torch.autocast("cpu", enabled=False), True)
+        runs[impl] = t, record
+    return runs
+
+
+def assert_same_training(runs, keys):
+    (a, ra), (b, rb) = runs["torch"], runs["triton"]
+    assert torch.equal(a.since_fired, b.since_fired) and torch.equal(a.fires, b.fires)
+    for name, param in a.sae.named_parameters():
+        assert close(b.sae.get_parameter(name).detach(), param.detach().double(), 1e-5), name
+    assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in keys)
+
+
+def test_training_steps_triton_equal_torch():
+    args = train_sae.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
+    # 50 dead from the start, so ghost grads join in after two steps
+    runs = steps_with_each_kernels(args, lambda: random_sae(d=48, m=200), n_dead=50, batch=96, steps=5)
+    assert runs["triton"][1]["ghost"] > 0
+    assert_same_training(runs, ("mse", "l1", "ghost", "l0"))
+
+
+def test_topk_training_steps_triton_equal_torch():
+    """train_step hands --kernels to the TopK step: three steps, the third with AuxK."""
+    args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--k_aux", "8", "--d_sae", "40", "--lr", "1e-3",
+                                   "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
+    runs = steps_with_each_kernels(args, random_sae, n_dead=10, batch=32, steps=3)
+    assert runs["triton"][1]["auxk"] > 0
+    assert_same_training(runs, ("mse", "auxk", "l0"))
+
+
+def test_sparse_self_check(monkeypatch):
+    """What --kernels auto runs on CUDA before trusting the TopK kernels: here, under the interpreter."""
+    assert kernels.check_sparse("cpu") is None
+    monkeypatch.setattr(kernels, "bag_sum", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
+    assert kernels.check_sparse("cpu") == "RuntimeError: PTX too new"
+    monkeypatch.undo()
+    real = kernels.gathered_dot
+    monkeypatch.setattr(kernels, "gathered_dot", lambda *a, **k: real(*a, **k) * 1.1)
+    assert kernels.check_sparse("cpu") == "its results differ from the torch reference"
+
+
+def test_topk_kernels_chosen(monkeypatch, capsys):
+    """--kernels for topk and batchtopk: auto is the Triton kernels on CUDA once they pass their
+    check, else torch with a warning; triton on CPU only under the interpreter."""
+    def resolved(flag, device, problem=None):
+        monkeypatch.setattr(kernels, "check_sparse", lambda device: problem)
+        args = train_sae.parse_args(["--arch", "batchtopk", "--kernels", flag, "--device", device])
+        return kernels.choose(args.kernels, args.device, args.arch)
+    assert resolved("auto", "cuda") == "triton" and resolved("auto", "cpu") == "torch"
+    assert resolved("auto", "cuda", "RuntimeError: PTX too new") == "torch"
+    assert ("WARNING: the sparse TopK Triton kernels failed their check on cuda (RuntimeError: PTX too new)"
+            in capsys.readouterr().err)
+    assert resolved("triton", "cpu") == "triton"
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(ValueError, match="--kernels triton on CPU: expected a CUDA device"):
+        resolved("triton", "cpu")
+
+
+def test_kernels_compile_for_gpus(tmp_path):
+    """Every kernel in every tile the autotuner may pick, compiled for Ampere (sm_80) and Hopper
+    (sm_90) by `python kernels.py` (Triton's own ptxas; no GPU needed), with a fresh compile
+    cache so that it really compiles: none spills, each fits the architecture's shared memory,
+    and the products run on tensor cores (wgmma on Hopper) except in IEEE fp32."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compiler, not the interpreter
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "kernels.py", "--json", "--jobs", "2"], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout)
+    expected = {(arch, kernel, dtype) for arch in (80, 90) for kernel in ("encode_kernel", "pre_grad_kernel")
+                for dtype in ("bf16", "fp32/tf32", "fp32/ieee")}
+    expected |= {(arch, kernel, "fp32") for arch in (80, 90) for kernel in ("bag_sum_kernel", "gathered_dot_kernel")}
+    assert {(r["arch"], *r["variant"].split()[:2]) for r in rows} == expected
+    for size, tiles in kernels.TILES.items():  # a real choice for the autotuner: two tiles or more
+        assert len(tiles) >= 2
+    assert len(rows) == 2 * (2 * (len(kernels.TILES[2]) + 2 * len(kernels.TILES[4])) + 2)
+    for r in rows:
+        assert r["stack"] == 0 and r["local"] == 0, r  # nothing spills
+        assert r["shared"] <= kernels.SHARED_LIMIT[r["arch"]], r
+        kernel, dtype = r["variant"].split()[:2]
+        gemm = kernel in ("encode_kernel", "pre_grad_kernel") and dtype != "fp32/ieee"  # the others gather and add
+        assert r["tensor_cores"] == (("wgmma" if r["arch"] == 90 else "mma.sync") if gemm else "none"), r
+
+
+def test_the_gpu_check_passes_under_the_interpreter(capsys):
+    """`python kernels.py --check cuda`, the first thing to run on a GPU, at a tiny odd shape: it
+    passes here, and says FAIL when a kernel is wrong."""
+    assert kernels.check_on("cpu", shapes=((70, 50, 150),))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and all(line.startswith("PASS") for line in lines), lines
+    real = kernels.gathered_dot
+    kernels.gathered_dot = lambda *a: real(*a) * 1.001
+    try:
+        assert not kernels.check_on("cpu", shapes=((70, 50, 150),))
+    finally:
+        kernels.gathered_dot = real
+    assert capsys.readouterr().out.count("FAIL") == 2  # the kernel, and check_sparse through it
+
+
+# -----------------------------------------------------------------------------
+# gpt2.py: the model against transformers' GPT-2, both file layouts, stopping early, splicing, the
+# loader's refusals; and residual files written for --save_activations.
+
+SMALL = gpt2.GPTConfig(block_size=64, vocab_size=50257, n_layer=3, n_head=4, n_embd=64)
 
 
 def write_both_layouts(hf, folder, cfg):
@@ -177,979 +1025,20 @@ def test_loader_refuses_bad_files(small, tmp_path):
     save_file({**good, "lm_head.weight": good["wte.weight"].clone()}, str(tmp_path / "tied.safetensors"))
     gpt2.from_pretrained(str(tmp_path / "tied.safetensors"), cfg=SMALL)
     # Truncated: the header promises more bytes than the file has.
-    data = open(path, "rb").read()
-    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    raw = open(path, "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:len(raw) // 2])
     with pytest.raises(ValueError, match="not a complete safetensors file"):
         gpt2.from_pretrained(str(tmp_path / "cut.safetensors"), cfg=SMALL)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         gpt2.from_pretrained(str(tmp_path / "nope.safetensors"), cfg=SMALL)
 
-# -----------------------------------------------------------------------------
-# Downloads, against a real HTTP server on 127.0.0.1 that honours Range requests and can
-# cut its first response short.
 
-@pytest.fixture
-def server():
-    state = {"files": {}, "ranges": [], "cut_first_at": None, "errors": []}  # errors: statuses to answer first
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if state["errors"]:
-                self.send_error(state["errors"].pop(0))
-                return
-            if self.path.startswith("/redirect/"):  # as Hugging Face sends downloads to its CDN
-                self.send_response(302)
-                self.send_header("Location", self.path.removeprefix("/redirect"))
-                self.end_headers()
-                return
-            data = state["files"][self.path]
-            rng = self.headers.get("Range")
-            state["ranges"].append(rng)
-            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206 if rng else 200)
-            if rng:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("Content-Length", str(len(data) - start))
-            self.end_headers()
-            body = data[start:]
-            if state["cut_first_at"] is not None and len(state["ranges"]) == 1:
-                body = body[:state["cut_first_at"]]  # then the connection closes: a broken transfer
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield state
-    srv.shutdown()
-
-
-def test_download_complete(server, tmp_path):
-    data = os.urandom(3_000_000)
-    server["files"]["/w.bin"] = data
-    dest = str(tmp_path / "sub" / "w.bin")
-    import hashlib
-    gpt2.download(server["url"] + "/w.bin", dest, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    assert open(dest, "rb").read() == data and not os.path.exists(dest + ".part")
-    gpt2.download(server["url"] + "/w.bin", dest)  # cached: no second request
-    assert server["ranges"] == [None]
-
-
-def test_download_cut_midway_resumes(server, tmp_path):
-    data = os.urandom(2_500_000)
-    server["files"]["/w.bin"] = data
-    server["cut_first_at"] = 1_000_000
-    dest = str(tmp_path / "w.bin")
-    gpt2.download(server["url"] + "/redirect/w.bin", dest, size=len(data))
-    assert open(dest, "rb").read() == data
-    assert server["ranges"] == [None, "bytes=1000000-"]  # the second request resumed, past the redirect
-
-
-def test_download_resumes_a_part_left_by_an_earlier_run(server, tmp_path):
-    data = os.urandom(1_000_000)
-    server["files"]["/w.bin"] = data
-    dest = str(tmp_path / "w.bin")
-    with open(dest + ".part", "wb") as f:
-        f.write(data[:300_000])
-    gpt2.download(server["url"] + "/w.bin", dest, size=len(data))
-    assert open(dest, "rb").read() == data and server["ranges"] == ["bytes=300000-"]
-    # A part that is already whole (killed between the last byte and the rename) is finished.
-    dest2 = str(tmp_path / "w2.bin")
-    with open(dest2 + ".part", "wb") as f:
-        f.write(data)
-    gpt2.download(server["url"] + "/w.bin", dest2, size=len(data))
-    assert open(dest2, "rb").read() == data and server["ranges"][-1] == "bytes=1000000-"
-
-
-def test_download_refuses_size_or_hash_mismatch(server, tmp_path):
-    data = os.urandom(500_000)
-    server["files"]["/w.bin"] = data
-    dest = str(tmp_path / "w.bin")
-    with pytest.raises(ValueError, match="500,000 bytes, expected 500,001"):
-        gpt2.download(server["url"] + "/w.bin", dest, size=len(data) + 1)
-    assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
-    with pytest.raises(ValueError, match="SHA-256 differs"):
-        gpt2.download(server["url"] + "/w.bin", dest, sha256="0" * 64)
-    assert os.listdir(tmp_path) == []
-
-
-def test_download_without_network_fails_at_once(tmp_path, monkeypatch, capsys):
-    """No retries for what a retry cannot mend: a name that does not resolve (.invalid never
-    does), a port nobody listens on, a 404; and no .part named when none was written."""
-    calls = []
-    fetch = gpt2.fetch_rest
-    monkeypatch.setattr(gpt2, "fetch_rest", lambda *a: calls.append(a) or fetch(*a))
-    for url, message in [("http://nonexistent.invalid/x", "cannot reach nonexistent.invalid: name resolution failed (no network?)"),
-                         (f"http://127.0.0.1:{free_port()}/x", "cannot reach 127.0.0.1: connection refused")]:
-        calls.clear()
-        t0 = time.time()
-        with pytest.raises(OSError) as e:
-            gpt2.download(url, str(tmp_path / "x.bin"))
-        assert str(e.value) == message and len(calls) == 1 and time.time() - t0 < 5
-    assert "transfer broke" not in capsys.readouterr().err and os.listdir(tmp_path) == []
-
-
-def test_download_retries_server_errors_and_names_the_part_only_when_there_is_one(server, tmp_path, capsys):
-    data = os.urandom(1_000_000)
-    server["files"]["/w.bin"] = data
-    dest, url = str(tmp_path / "w.bin"), server["url"] + "/w.bin"
-    server["errors"] = [404]
-    with pytest.raises(OSError, match=r"^download of .*/w.bin failed: HTTP 404 Not Found$"):
-        gpt2.download(url, dest)
-    server["errors"] = [503, 503]  # a server error is worth a retry; no byte came, so no .part
-    with pytest.raises(OSError, match=r"HTTP Error 503: Service Unavailable\) after 2 tries$"):
-        gpt2.download(url, dest, retries=1)
-    assert capsys.readouterr().err.count("transfer broke") == 1 and os.listdir(tmp_path) == []
-    server["cut_first_at"] = 300_000  # a broken transfer leaves a .part, which the message names
-    with pytest.raises(OSError, match=f"after 1 try; run again to resume from {dest}.part$"):
-        gpt2.download(url, dest, retries=0)
-    assert os.path.getsize(dest + ".part") == 300_000
-    with pytest.raises(OSError, match=f"^cannot reach 127.0.0.1: connection refused; run again to resume from {dest}.part$"):
-        gpt2.download(f"http://127.0.0.1:{free_port()}/w.bin", dest)
-    gpt2.download(url, dest, size=len(data))  # and the next run resumes it
-    assert open(dest, "rb").read() == data and server["ranges"][-1] == "bytes=300000-"
-
-
-def test_progress_picks_a_readable_scale(capsys):
-    t0 = time.time() - 10
-    gpt2.progress("eval", 12_300, 50_000, t0, unit="tokens")
-    gpt2.progress("model.safetensors", 120_500_000, 548_105_171, t0)
-    gpt2.progress("shard.bin", 2_500, None, t0)
-    gpt2.progress("eval", 300, 900, t0, unit="tokens")
-    lines = [line.strip() for line in capsys.readouterr().err.split("\r") if line]
-    assert lines == ["eval: 12.3k/50.0k tokens (25%) at 1.23k tokens/s",
-                     "model.safetensors: 120.5/548.1 MB (22%) at 12.05 MB/s",
-                     "shard.bin: 2.5 kB at 250.00 B/s",
-                     "eval: 300.0/900.0 tokens (33%) at 30.00 tokens/s"]
-
-# -----------------------------------------------------------------------------
-# Tokens
-
-
-@pytest.fixture(scope="module")
-def enc():
-    import tiktoken
-    return tiktoken.get_encoding("gpt2")
-
-
-TEXT = ("The residual stream is the sum of every layer's output.\n\n  Indented line; café, naïve, 東京.\n" * 40
-        + "<|endoftext|>" + "A second document, with numbers 12345 and symbols #@!.\n" * 60
-        + "<|endoftext|>" + "Third.\n")
-
-
-def test_text_round_trips(tmp_path, enc, monkeypatch):
-    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
-    tokens = gpt2.read_shard(str(tmp_path / "a.txt"), str(tmp_path / "cache"))
-    assert tokens[0] == gpt2.BOS and enc.decode(tokens.tolist()) == "<|endoftext|>" + TEXT
-    assert tokens.tolist() == [gpt2.BOS] + enc.encode(TEXT, allowed_special={"<|endoftext|>"})
-    assert (tokens == gpt2.BOS).sum() == 3  # one before each document
-    # A large file is read in pieces; the tokens still decode to the text exactly.
-    monkeypatch.setattr(gpt2, "TEXT_PIECE_CHARS", 100)
-    (tmp_path / "b.txt").write_text(TEXT, encoding="utf-8")
-    pieces = gpt2.read_shard(str(tmp_path / "b.txt"), str(tmp_path / "cache"))
-    assert enc.decode(pieces.tolist()) == "<|endoftext|>" + TEXT and (pieces == gpt2.BOS).sum() == 3
-
-
-def test_shard_formats_read_back(tmp_path):
-    tokens = np.random.default_rng(0).integers(0, 50257, 10_000).astype(np.uint16)
-    gpt2.write_shard(str(tmp_path / "headered.bin"), tokens)
-    tokens.tofile(tmp_path / "raw.bin")  # nanoGPT's train.bin layout
-    np.save(tmp_path / "a.npy", tokens)
-    for name in ("headered.bin", "raw.bin", "a.npy"):
-        assert np.array_equal(gpt2.read_shard(str(tmp_path / name)), tokens), name
-    assert isinstance(gpt2.read_shard(str(tmp_path / "headered.bin")), np.memmap)
-    with open(tmp_path / "headered.bin", "ab") as f:
-        f.write(b"xx")
-    with pytest.raises(ValueError, match="for the 10,000 tokens its header declares"):
-        gpt2.read_shard(str(tmp_path / "headered.bin"))
-    np.save(tmp_path / "wide.npy", tokens.astype(np.int32))
-    with pytest.raises(ValueError, match="int32 array of shape .* expected 1-D uint16"):
-        gpt2.read_shard(str(tmp_path / "wide.npy"))
-
-
-def shard_files(tmp_path, sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    paths, arrays = [], []
-    for i, n in enumerate(sizes):
-        a = rng.integers(0, 50000, n).astype(np.uint16)
-        gpt2.write_shard(str(tmp_path / f"s{i}.bin"), a)
-        paths.append(str(tmp_path / f"s{i}.bin"))
-        arrays.append(a)
-    return paths, arrays
-
-
-def test_contexts_cover_the_corpus_once_per_epoch(tmp_path):
-    ctx = 16
-    paths, arrays = shard_files(tmp_path, [15 * 50 + 7, 15 * 30])
-    stream = gpt2.Contexts(gpt2.corpus(paths, "train", ctx), ctx, seed=1)
-    # Each file holds back its last max(1, 1%) windows: one here.
-    train_windows = {a[w * 15:(w + 1) * 15].tobytes() for a in arrays for w in range(len(a) // 15 - 1)}
-    n_train = 49 + 29
-    rows = stream.next(n_train)
-    assert rows.shape == (n_train, ctx) and (rows[:, 0] == gpt2.BOS).all()
-    seen = [r[1:].numpy().astype(np.uint16).tobytes() for r in rows]
-    assert len(set(seen)) == n_train and set(seen) == train_windows
-    assert stream.state_dict()["epoch"] == 1
-    again = stream.next(n_train)  # epoch 1: the same windows in another order
-    assert sorted(r[1:].numpy().tobytes() for r in again) == sorted(r[1:].numpy().tobytes() for r in rows)
-    assert not torch.equal(again, rows)
-    # The held-out windows are the last of each file, and none of them is served for training.
-    held = gpt2.Contexts(gpt2.corpus(paths, "eval", ctx), ctx)
-    heldout = held.next(100)
-    assert len(heldout) == 2 and len(held.next(5)) == 0
-    assert torch.equal(heldout[0, 1:], torch.from_numpy(arrays[0][49 * 15:50 * 15].astype(np.int64)))
-    assert not {r[1:].numpy().astype(np.uint16).tobytes() for r in heldout} & set(seen)
-
-
-def test_contexts_are_deterministic_and_resume(tmp_path):
-    paths, _ = shard_files(tmp_path, [2000, 1000, 1500])
-    make = lambda seed: gpt2.Contexts(gpt2.corpus(paths, "train", 32), 32, seed=seed)
-    a, b, c = make(0), make(0), make(1)
-    first = a.next(40)
-    assert torch.equal(first, b.next(40)) and not torch.equal(first, c.next(40))
-    # Save mid-stream, run on across shard and epoch boundaries, then restore into a new stream.
-    state = a.state_dict()
-    later = [a.next(37) for _ in range(6)]
-    resumed = make(0)
-    resumed.load_state_dict(state)
-    assert all(torch.equal(x, resumed.next(37)) for x in later)
-    with pytest.raises(ValueError, match="seed 0 .* expected 1"):
-        make(1).load_state_dict(state)
-
-
-def test_corpus_checks_every_file_at_once(tmp_path, capsys):
-    paths, _ = shard_files(tmp_path, [1000, 500])
-    (tmp_path / "odd.bin").write_bytes(bytes(1001))
-    # The bad file is the second of three: refused now, not when the stream reaches it.
-    with pytest.raises(ValueError, match="odd.bin: odd size 1,001 bytes, expected uint16 tokens"):
-        gpt2.corpus([paths[0], str(tmp_path / "odd.bin"), paths[1]], "train", 16)
-    capsys.readouterr()
-    # 66 and 33 windows of 15 tokens: the last of each is held out, with the leftover tokens.
-    assert len(gpt2.corpus(paths, "train", 16)) == 2 and len(gpt2.corpus(",".join(paths), "eval", 16)) == 2
-    assert capsys.readouterr().err == "training tokens: 2 files, 1,455 tokens\nheld-out tokens: 2 files, 45 tokens\n"
-    shards = gpt2.corpus("fineweb", "train", cache_dir=str(tmp_path / "cache"))  # nothing is fetched yet
-    assert len(shards) == 103 and not os.path.exists(tmp_path / "cache")
-    assert "103 shards of about 100M tokens, each downloaded (200 MB) when the stream reaches it" in capsys.readouterr().err
-
-
-def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
-    gpt2.write_shard(str(tmp_path / "t.bin"), np.full(500, 60000, np.uint16))
-    with pytest.raises(ValueError, match="token id 60000 in the corpus, expected < 50257"):
-        gpt2.Contexts(gpt2.corpus(str(tmp_path / "t.bin"), "train", 16), 16, seed=0).next(2)
-
-# -----------------------------------------------------------------------------
-# Bad input on the command line: one line, non-zero exit, no traceback.
-
-
-def run_cli(*args, cache):
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-    r = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
-    return r.returncode, r.stderr.strip()
-
-
-BAD_INPUT = [
-    (["train_sae.py", "--layer", "13"], "error: layer 13 out of range: expected 0..12"),
-    (["train_sae.py", "--layer", "nine"], "error: --layer 'nine': expected a number"),
-    (["train_sae.py", "--data", "missing.txt"], "error: token file not found: missing.txt"),
-    (["train_sae.py", "--batch", "0"], "error: --batch 0: expected a positive number"),
-    (["train_sae.py", "--tokens", "100"], "error: --tokens 100: expected at least one batch (4096)"),
-    (["train_sae.py", "--layer", "3,4", "--activations", "a.npy"], "error: --layer 3,4: expected one layer"),
-    (["train_sae.py", "--activations", "{tmp}/missing.npy", "--out", "{tmp}/run"], "error: activations file not found"),
-    (["train_sae.py", "--resume", "{tmp}/nothing"], "error: no run to resume in"),
-    (["train_sae.py", "--arch", "topk", "--k", "0"], "error: --k 0: expected 1..24576 (--d_sae)"),
-    (["train_sae.py", "--arch", "batchtopk", "--threshold_rate", "2"], "error: --threshold_rate 2.0: expected a rate in (0, 1]"),
-    (["train_sae.py", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
-    (["eval.py", "{tmp}", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
-    (["train_sae.py", "--activations", "{tmp}/cut.npy", "--out", "{tmp}/run"], "error: {tmp}/cut.npy: not a complete .npy file"),
-    (["train_sae.py", "--activations", "{tmp}/cut.safetensors", "--out", "{tmp}/run"],
-     "error: {tmp}/cut.safetensors: not a complete .safetensors file"),
-    (["train_sae.py", "--weights", "{tmp}"], "error: --weights {tmp} is a directory, expected a model.safetensors file"),
-    (["train_sae.py", "--out", "{tmp}/a.bin"], "error: --out {tmp}/a.bin: a file, expected a run folder"),
-    (["eval.py", "{tmp}/nothing"], "error: no such folder"),
-    (["eval.py", "{tmp}"], "no SAE in it (expected cfg.json, or folders blocks.L.hook_resid_pre/)"),
-    (["eval.py", "{tmp}", "--tokens", "0"], "error: --tokens 0: expected a positive number"),
-    (["gpt2.py", "--data", "{tmp}/latin1.txt"], "not UTF-8 text"),
-    (["gpt2.py", "--data", "{tmp}/empty.txt"], "error: empty corpus"),
-    (["train_sae.py", "--data", "{tmp}/empty.txt", "--out", "{tmp}/run"], "error: empty corpus"),
-    (["gpt2.py", "--data", "{tmp}/a.bin", "--weights", "{tmp}/missing.safetensors"],
-     "error: weights file not found"),
-    (["gpt2.py", "--data", "{tmp}/a.bin", "--weights", "{tmp}"], "is a directory, expected a model.safetensors file"),
-    (["eval.py", "{tmp}", "--weights", "{tmp}"], "is a directory, expected a model.safetensors file"),
-    (["gpt2.py", "--data", "{tmp}/a.bin,{tmp}/odd.bin"], "odd.bin: odd size 1,001 bytes, expected uint16 tokens"),
-    (["gpt2.py", "--tokens", "0"], "error: --tokens 0: expected a positive number"),
-    (["eval.py", "{tmp}", "--features", "abc"], "error: --features 'abc': expected comma-separated feature numbers"),
-    (["bench.py", "--sections", "gpt2,nonsense"],
-     "error: --sections 'nonsense': expected a comma-separated list of gpt2, step, train, precision, ranks, realacts"),
-]
-
-
-MAINS = {"train_sae.py": train_sae.main, "eval.py": evaluation.main, "gpt2.py": gpt2.main}
-# Run as real command lines too: the first case of each script, and a missing file (an OSError,
-# not a ValueError). bench.py runs at import, so its cases are command lines only.
-COMMAND_LINES = sorted({[args[0] for args, _ in BAD_INPUT].index(script) for script in ("train_sae.py", "eval.py", "gpt2.py")}
-                       | {i for i, (args, _) in enumerate(BAD_INPUT) if args[0] == "bench.py" or "missing.txt" in args})
-
-
-@pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory):
-    """The bad files, and the COMMAND_LINES run as subprocesses, side by side: each spends about
-    1.5 s importing torch, so on 2 cores that halves the wait. Each has its own cache."""
-    from concurrent.futures import ThreadPoolExecutor
-    tmp = tmp_path_factory.mktemp("bad_input")
-    (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
-    (tmp / "empty.txt").write_text("")
-    gpt2.write_shard(str(tmp / "a.bin"), np.arange(1000, dtype=np.uint16))
-    (tmp / "odd.bin").write_bytes(bytes(1001))
-    np.save(tmp / "cut.npy", np.zeros((1000, 16), np.float32))
-    save_file({"x": torch.zeros(1000, 16)}, str(tmp / "cut.safetensors"))
-    for name in ("cut.npy", "cut.safetensors"):  # truncated, as by a full disk or a killed copy
-        (tmp / name).write_bytes((tmp / name).read_bytes()[:3000])
-    run = lambda i: run_cli(*[a.format(tmp=tmp) for a in BAD_INPUT[i][0]], cache=tmp / "caches" / str(i))
-    with ThreadPoolExecutor(4) as pool:
-        return tmp, dict(zip(COMMAND_LINES, pool.map(run, COMMAND_LINES)))
-
-
-@pytest.mark.parametrize("i", range(len(BAD_INPUT)), ids=[" ".join(args) for args, _ in BAD_INPUT])
-def test_bad_input_gets_one_line(bad_input_runs, i, monkeypatch):
-    """Each script's main raises the error that its __main__ prints as one line (ValueError or
-    OSError, a message without a line break); the COMMAND_LINES show that it does, with no
-    traceback and a non-zero exit."""
-    tmp, command_lines = bad_input_runs
-    (script, *argv), message = [a.format(tmp=tmp) for a in BAD_INPUT[i][0]], BAD_INPUT[i][1].format(tmp=tmp)
-    if i in command_lines:
-        code, err = command_lines[i]
-        assert code != 0 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
-    if script in MAINS:
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "caches" / f"in-process-{i}"))
-        monkeypatch.chdir(HERE)  # relative paths, as the command lines have them
-        with pytest.raises((ValueError, OSError)) as e:
-            MAINS[script](argv)
-        assert message in "error: " + str(e.value) and "\n" not in str(e.value), str(e.value)
-    else:
-        assert i in command_lines
-
-# -----------------------------------------------------------------------------
-# The SAE trainer (train_sae.py)
-
-
-
-def reference_loss(P, x, l1_coef, dead, convention):
-    """The loss in float64 from the formulas alone: plain autograd, no custom backward."""
-    x = x.double()
-    pre = (x - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
-    f = torch.relu(pre)
-    x_hat = f @ P["W_dec"] + P["b_dec"]
-
-    def mse(a, b):
-        if convention == "seed":
-            return ((a - b) ** 2 / x.norm(dim=1, keepdim=True)).mean()
-        return ((a - b) ** 2).sum(1).mean()
-    rec = mse(x_hat, x)
-    l1 = l1_coef * (f.sum(1).mean() if convention == "seed" else (f * P["W_dec"].norm(dim=1)).sum(1).mean())
-    loss = rec + l1
-    if dead is not None:
-        r = (x - x_hat).detach()
-        g = torch.exp(pre[:, dead]) @ P["W_dec"][dead]
-        g = g * (r.norm(dim=1, keepdim=True) / (2 * g.norm(dim=1, keepdim=True))).detach()
-        ghost = mse(g, r)
-        loss = loss + ghost * (rec / ghost).detach()
-    return loss
-
-
-def against_float64(sae, loss, x, dead, convention):
-    """Backpropagate `loss` and the float64 reference; the reference loss, and each parameter
-    gradient's relative error."""
-    loss.backward()
-    P = {k: v.detach().double().requires_grad_() for k, v in sae.named_parameters()}
-    ref = reference_loss(P, x, 1e-2, dead, convention)
-    ref.backward()
-    return ref.item(), {name: ((param.grad.double() - P[name].grad).norm() / P[name].grad.norm()).item()
-                        for name, param in sae.named_parameters()}
-
-
-def random_sae(d=12, m=40, seed=0):
-    sae = train_sae.SAE(d, m, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # biases away from zero, so that every term is exercised
-        sae.b_enc.copy_(0.3 * torch.randn(m, generator=g))
-        sae.b_dec.copy_(0.5 * torch.randn(d, generator=g))
-        sae.W_enc.mul_(1 + torch.rand(d, m, generator=g))
-    return sae
-
-
-@pytest.mark.parametrize("convention", ["seed", "saelens"])
-@pytest.mark.parametrize("dead, long_dead", [(None, False), ([3, 7, 20, 21], False), ([3, 7, 20, 21], True)],
-                         ids=["no-dead", "dead", "long-dead"])
-def test_loss_and_gradients_match_float64(convention, dead, long_dead):
-    sae = random_sae()
-    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
-    dead_idx = None if dead is None else torch.tensor(dead)
-    if long_dead:  # pre-activations near -100: exp underflows float32 unless handled
-        with torch.no_grad():
-            sae.b_enc[dead_idx] = -100 - torch.arange(4.0)
-    loss, parts, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention)
-    ref, errors = against_float64(sae, loss, x, dead_idx, convention)
-    assert abs(loss.item() - ref) < 1e-5 * abs(ref)
-    if dead is not None:  # the ghost term is rescaled to the MSE's value
-        assert abs(parts["ghost"].item() - parts["mse"].item()) < 1e-6 * parts["mse"].item()
-    assert 0 < fires.sum() < 16 * 40  # some features on, some off
-    assert max(errors.values()) < 1e-5, errors
-
-
-@pytest.mark.parametrize("convention", ["seed", "saelens"])
-def test_bf16_autocast_gradients(convention):
-    """The precision CUDA runs in by default, here through CPU autocast: the same code path
-    (custom backward included) must give the float64 gradients to bf16 accuracy."""
-    sae = random_sae(d=64, m=256)
-    x = 2 * torch.randn(128, 64, generator=torch.Generator().manual_seed(5))
-    dead = torch.arange(0, 256, 9)
-    with torch.autocast("cpu", torch.bfloat16):
-        loss, _, _, _ = train_sae.sae_loss(sae, x, 1e-2, dead, convention)
-    ref, errors = against_float64(sae, loss, x, dead, convention)
-    assert abs(loss.item() - ref) < 2e-2 * abs(ref)
-    assert all(param.grad.dtype == torch.float32 for param in sae.parameters())
-    assert max(errors.values()) < 2e-2, errors  # measured 2e-3 to 5e-3
-
-
-def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
-    sae = random_sae()
-    sae.W_dec.grad = torch.randn_like(sae.W_dec)
-    W, G = sae.W_dec.detach().double(), sae.W_dec.grad.double()
-    expected = G - (G * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True)  # rows are unit already
-    train_sae.remove_parallel_grad(sae)
-    assert (sae.W_dec.grad.double() - expected).abs().max() < 1e-6
-    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
-    # One whole optimizer step keeps every row at unit norm.
-    args = train_sae.parse_args(["--d_sae", "40", "--lr", "1e-2", "--lr_warmup", "1", "--kernels", "torch"])
-    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-2), "cpu")
-    before = sae.W_dec.detach().clone()
-    train_sae.train_step(t, torch.randn(32, 12), 0, args, lambda: torch.autocast("cpu", enabled=False), False)
-    assert not torch.equal(before, sae.W_dec)
-    assert (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-6
-
-
-def test_geometric_median():
-    g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(3000, 16, generator=g), 30 + 5 * torch.randn(500, 16, generator=g)])  # outliers
-    y = train_sae.geometric_median(x).double()
-    X = x.double()
-    objective = lambda v: (X - v).norm(dim=1).sum()
-    # Reference optimum in float64 by L-BFGS, a different method, from the coordinate-wise median.
-    ref = X.median(0).values.clone().requires_grad_()
-    opt = torch.optim.LBFGS([ref], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
-    opt.step(lambda: (opt.zero_grad(), objective(ref).backward(), objective(ref))[2])
-    assert (y - ref.detach()).norm() < 1e-3 * ref.norm()
-    assert objective(y) <= objective(ref.detach()) * (1 + 1e-7)
-    assert objective(y) < 0.9 * objective(X.mean(0))  # the outliers pull the mean away
-    # At the optimum the unit vectors towards the points cancel.
-    unit = (X - y) / (X - y).norm(dim=1, keepdim=True)
-    assert unit.sum(0).norm() < 1e-3 * len(X)
-
-
-def test_ghost_grads_reach_dead_features_only_when_on():
-    sae = random_sae()
-    dead = torch.tensor([3, 7, 20])
-    with torch.no_grad():
-        sae.b_enc[dead] = -100  # these never fire
-    x = torch.randn(64, 12)
-    for ghost in (True, False):
-        sae.zero_grad()
-        loss, _, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead if ghost else None, "seed")
-        loss.backward()
-        assert (fires[dead] == 0).all()
-        for grad in (sae.W_enc.grad[:, dead], sae.b_enc.grad[dead], sae.W_dec.grad[dead]):
-            assert (grad.abs().sum() > 0) == ghost
-    # Through the training step: with the flag off, forced-dead features stay exactly as they were.
-    for ghost in (True, False):
-        sae = random_sae()
-        with torch.no_grad():
-            sae.b_enc[dead] = -100
-        args = train_sae.parse_args(["--d_sae", "40", "--lr_warmup", "1", "--dead_tokens", str(3 * 4096), "--kernels", "torch",
-                                       "--ghost_grads" if ghost else "--no-ghost_grads"])
-        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
-        before = sae.W_enc[:, dead].detach().clone()
-        for step in range(6):
-            train_sae.train_step(t, torch.randn(64, 12), step, args, lambda: torch.autocast("cpu", enabled=False), False)
-        assert (t.since_fired[dead] >= 3).all()
-        assert torch.equal(before, sae.W_enc[:, dead].detach()) != ghost
-
-
-
-@pytest.mark.parametrize("norm", [0.1, 10, 1000])
-def test_initial_reconstruction_is_as_long_as_the_input(norm):
-    """W_enc = W_dec^T alone makes the first x_hat about m / (2d) = 8 times too long; the
-    data-scaled init, on data of any norm, gets within 20%, and explains some variance."""
-    g = torch.Generator().manual_seed(0)
-    d, m = 64, 1024
-    x = torch.randn(8192, d, generator=g) + 0.5 * torch.randn(d, generator=g)   # an offset, as residuals have
-    x *= norm / x.norm(dim=1).mean()
-    scale = d ** 0.5 / x.norm(dim=1).mean()                                 # what --normalize does
-    sae = train_sae.SAE(d, m)
-    with torch.no_grad():
-        naive = sae.W_enc.clone()
-        train_sae.init_from_data(sae, x * scale)
-        x_hat = sae(x * scale)[2] / scale
-        ratio = (x_hat.norm(dim=1).mean() / x.norm(dim=1).mean()).item()
-        assert abs(ratio - 1) < 0.2, ratio
-        ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        assert ev > 0.5, ev
-        x_in = x * scale - sae.b_dec                                        # the undamped start, for contrast
-        assert (torch.relu(x_in @ naive) @ sae.W_dec).norm(dim=1).mean() > 6 * x_in.norm(dim=1).mean()
-
-
-def test_first_logged_explained_variance_is_not_negative(tmp_path):
-    """GPT-2-shaped data (m = 32 d, residual norms in the hundreds): the very first step's
-    explained variance, which the issue saw near -200 before the data-scaled init."""
-    g = torch.Generator().manual_seed(0)
-    x = 300 * (torch.randn(4096, 48, generator=g) + torch.randn(48, generator=g))
-    np.save(tmp_path / "acts.npy", x.numpy())
-    train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", str(32 * 48), "--batch", "512",
-                    "--tokens", str(3 * 512), "--buffer", "2048", "--lr_warmup", "10", "--log_every", "1",
-                    "--out", str(tmp_path / "run"), "--device", "cpu"])
-    first = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
-    assert first["step"] == 1 and first["explained_variance"] >= 0, first
-
-
-def test_normalize_makes_l1_mean_the_same_at_any_data_norm(tmp_path):
-    """SAELens's loss is quadratic in the data and its L1 term linear, so the same --l1 gives a
-    different L0 on data 100 times larger, unless the inputs are normalized. Normalized, the two
-    runs are the same run; the saved SAEs differ only by the factor, folded into the biases
-    (f in the input's units)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8192, 16, generator=g) + torch.randn(16, generator=g)
-    runs = {}
-    for norm in (1, 100):
-        np.save(tmp_path / f"acts{norm}.npy", (norm * x).numpy())
-        for flag in ("--normalize", "--no-normalize"):
-            out = tmp_path / f"run{norm}{flag}"
-            (t,) = train_sae.main(["--activations", str(tmp_path / f"acts{norm}.npy"), "--loss", "saelens",
-                                   "--l1", "3", "--d_sae", "64", "--batch", "256", "--tokens", str(100 * 256), "--lr", "2e-3",
-                                   "--buffer", "1024", "--lr_warmup", "5", "--log_every", "100", "--no-center",
-                                   flag, "--out", str(out), "--device", "cpu"])
-            runs[norm, flag] = json.loads(open(out / "log.jsonl").readline())["l0"], sae_weights(out / "blocks.9.hook_resid_pre")
-    (l0_1, w1), (l0_100, w100) = runs[1, "--normalize"], runs[100, "--normalize"]
-    assert abs(l0_1 - l0_100) < 0.02 * l0_1, (l0_1, l0_100)
-    assert torch.allclose(w1["W_enc"], w100["W_enc"], atol=1e-4) and torch.allclose(w1["W_dec"], w100["W_dec"], atol=1e-4)
-    for k in ("b_enc", "b_dec"):
-        assert torch.allclose(100 * w1[k], w100[k], rtol=1e-3, atol=1e-3), k
-    f1 = torch.relu((x - w1["b_dec"]) @ w1["W_enc"] + w1["b_enc"])           # the saved SAEs, on their own inputs
-    f100 = torch.relu((100 * x - w100["b_dec"]) @ w100["W_enc"] + w100["b_enc"])
-    assert torch.allclose(100 * f1, f100, rtol=1e-3, atol=1e-2)
-    l0_raw_1, l0_raw_100 = runs[1, "--no-normalize"][0], runs[100, "--no-normalize"][0]
-    assert l0_raw_100 > 2 * l0_raw_1, (l0_1, l0_raw_1, l0_raw_100)          # what normalizing prevents
-
-
-@pytest.mark.parametrize("dead", [None, [3, 7, 20]], ids=["no-dead", "dead"])
-def test_seed_loss_is_homogeneous_so_bloom_l1_is_unchanged_by_normalizing(dead):
-    """The seed's loss scales by s when x and both biases do (the MSE is divided by ||x||, and
-    f scales by s under unit-norm rows), so its minimizers, and the L0 that --l1 8e-5 gives,
-    do not depend on --normalize. Checked on the loss itself, ghost term included."""
-    sae = random_sae()
-    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
-    dead = None if dead is None else torch.tensor(dead)
-    loss, parts, _, _ = train_sae.sae_loss(sae, x, 8e-5, dead)
-    s = 37.0
-    with torch.no_grad():
-        sae.b_enc *= s
-        sae.b_dec *= s
-    loss_s, parts_s, _, _ = train_sae.sae_loss(sae, s * x, 8e-5, dead)
-    for k in parts:
-        assert torch.allclose(parts_s[k], s * parts[k], rtol=1e-5), k
-    assert torch.allclose(loss_s, s * loss, rtol=1e-5)
-
-@pytest.mark.parametrize("mechanism", ["ghost", "resample", "none"])
-def test_dead_features_revive_within_a_short_run(mechanism):
-    """Half the features start dead (their b_enc below every pre-activation on the data). In a
-    300-step run, far shorter than the old 5,000-step window, the window scaled to the run
-    (30 steps) lets ghost gradients, or resampling every 64 steps, bring most of them back;
-    with neither they stay dead."""
-    g = torch.Generator().manual_seed(0)
-    atoms = torch.randn(96, 16, generator=g)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    data = ((torch.rand(20_000, 96, generator=g) < 4 / 96) * torch.rand(20_000, 96, generator=g)) @ atoms
-    steps, batch = 300, 256
-    sae = train_sae.SAE(16, 64)
-    with torch.no_grad():
-        train_sae.init_from_data(sae, data)
-        pre = (data - sae.b_dec) @ sae.W_enc
-        sae.b_enc[:32] = -pre[:, :32].max(0).values - 0.05                   # dead by construction
-    args = train_sae.parse_args(["--batch", str(batch), "--tokens", str(steps * batch), "--lr", "1e-3",
-                                   "--lr_warmup", "10", "--l1", "1e-3", "--kernels", "torch",
-                                   "--ghost_grads" if mechanism == "ghost" else "--no-ghost_grads"])
-    assert train_sae.dead_after(args) == 30
-    t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
-    for step in range(steps):
-        if mechanism == "resample" and step % 64 == 0:  # what run_steps does at each refill
-            train_sae.resample_dead(t, data[:4096], args, step)
-        x = data[torch.randint(len(data), (batch,), generator=g)]
-        train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
-    with torch.no_grad():
-        never_fired = (sae(data)[1][:, :32] > 0).sum(0).eq(0).sum().item()
-    assert never_fired <= 8 if mechanism != "none" else never_fired == 32, never_fired
-
-
-def known_dictionary(path, n=100_000):
-    """64 unit atoms in d = 32, about 3 active per sample, on a shared offset as residuals have;
-    the samples are written to `path` (.npy)."""
-    g = torch.Generator().manual_seed(0)
-    atoms = torch.randn(64, 32, generator=g)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    offset = torch.randn(32, generator=g) * 5 / 32 ** 0.5
-    active = torch.rand(n, 64, generator=g) < 3 / 64
-    x = ((1 + torch.rand(n, 64, generator=g)) * active) @ atoms + offset
-    np.save(path, x.numpy())
-    return atoms
-
-
-def recovered(atoms, folder):
-    """The share of atoms with a decoder row within cosine 0.9 of them."""
-    W = load_file(os.path.join(folder, "sae_weights.safetensors"))["W_dec"]
-    return ((atoms @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values > 0.9).float().mean().item()
-
-
-def test_it_learns_a_known_dictionary(tmp_path):
-    atoms = known_dictionary(tmp_path / "acts.npy")
-    train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", "128", "--batch", "1024",
-                    "--tokens", str(5000 * 1024), "--buffer", "16384", "--lr", "1e-3", "--l1", "3.6e-3",
-                    "--lr_warmup", "100", "--dead_tokens", str(1000 * 1024), "--no-center", "--out", str(tmp_path / "run"),
-                    "--log_every", "1000", "--device", "cpu"])
-    assert recovered(atoms, tmp_path / "run" / "blocks.9.hook_resid_pre") >= 0.9
-
-
-# -----------------------------------------------------------------------------
-# TopK and BatchTopK (--arch)
-
-def reference_topk_loss(P, x, arch, k, dead, k_aux, coef):
-    """The TopK loss in float64 from the formulas alone, dense [B, m] masks and plain autograd:
-    the loss, and the mask of features that fire."""
-    x = x.double()
-    pre = (x - P["b_dec"]) @ P["W_enc"] + P["b_enc"]                                  # [B, m]
-    B, m = pre.shape
-    with torch.no_grad():
-        if arch == "topk":
-            keep = torch.zeros(B, m, dtype=torch.bool).scatter_(1, pre.topk(k, dim=1).indices, True)
-        else:
-            keep = pre >= pre.flatten().topk(B * k).values.min()
-        keep &= pre > 0
-    x_hat = (pre * keep) @ P["W_dec"] + P["b_dec"]
-    nmse = lambda a, b: (a - b).pow(2).sum(1).mean() / (b - b.mean(0)).pow(2).sum(1).mean()
-    loss = nmse(x_hat, x)
-    if dead is not None:
-        with torch.no_grad():
-            among_dead = torch.full_like(pre, -math.inf)
-            among_dead[:, dead] = pre[:, dead]
-            aux = torch.zeros(B, m, dtype=torch.bool).scatter_(1, among_dead.topk(min(k_aux, len(dead)), dim=1).indices, True)
-        e = (x - x_hat).detach()
-        loss = loss + coef * nmse((pre * aux) @ P["W_dec"], e)
-    return loss, keep
-
-
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
-                         ids=["no-dead", "dead", "k_aux-capped"])
-def test_topk_step_matches_dense_float64(arch, dead, k_aux):
-    """The sparse step (kernels.SparsePre, sparse_decode) against a dense float64 formulation:
-    value, every gradient, and the count of what fires."""
-    sae, B, k = random_sae(), 16, 4
-    x = 2 * torch.randn(B, 12, generator=torch.Generator().manual_seed(5))
-    is_dead = torch.zeros(40, dtype=torch.bool)
-    is_dead[dead or []] = True
-    loss, parts, fires, x_hat, cut = train_sae.topk_loss(sae, x, arch, k, is_dead, k_aux, 0.25)
-    loss.backward()
-    P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
-    ref, keep = reference_topk_loss(P, x, arch, k, dead, k_aux, 0.25)
-    ref.backward()
-    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
-    for name, param in sae.named_parameters():
-        err = (param.grad.double() - P[name].grad).norm() / P[name].grad.norm()
-        assert err < 1e-5, (name, err.item())
-    assert (parts["auxk"].item() == 0) == (dead is None)  # exactly 0 with no dead features
-    # Exactly k per token (topk) or B k per batch (batchtopk), and those are what fire.
-    assert fires.sum() == B * k and torch.equal(fires, keep.sum(0))
-    per_token = keep.sum(1)
-    assert (per_token == k).all() if arch == "topk" else per_token.min() < k < per_token.max()
-    if arch == "batchtopk":  # the cut is the (B k)-th largest pre-activation
-        pre = (x.double() - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
-        assert abs(cut.item() - pre.flatten().topk(B * k).values.min().item()) < 1e-5
-
-
-def test_auxk_revives_dead_features():
-    """Half the features start dead (b_enc below every pre-activation they have on the data).
-    300 steps with AuxK bring most of them back; without it they all stay dead."""
-    g = torch.Generator().manual_seed(0)
-    atoms = torch.randn(96, 16, generator=g)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    data = ((torch.rand(20_000, 96, generator=g) < 4 / 96) * torch.rand(20_000, 96, generator=g)) @ atoms
-    steps, batch, never_fired = 300, 256, {}
-    for coef in ("0.03125", "0"):
-        sae = train_sae.SAE(16, 64, arch="topk", k=4)
-        with torch.no_grad():
-            train_sae.init_from_data(sae, data)
-            sae.b_enc[:32] = -((data - sae.b_dec) @ sae.W_enc[:, :32]).max(0).values - 0.05  # dead by construction
-        args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--batch", str(batch), "--tokens", str(steps * batch),
-                                       "--lr", "1e-3", "--lr_warmup", "10", "--auxk_coef", coef, "--k_aux", "16",
-                                       "--kernels", "torch"])
-        assert train_sae.dead_after(args) == 30
-        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
-        order = torch.Generator().manual_seed(1)
-        for step in range(steps):
-            x = data[torch.randint(len(data), (batch,), generator=order)]
-            train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
-        with torch.no_grad():
-            never_fired[coef] = (sae(data)[1][:, :32] > 0).sum(0).eq(0).sum().item()
-    assert never_fired["0"] == 32 and never_fired["0.03125"] <= 8, never_fired
-
-
-def known_dictionary_run(tmp_path, *flags, steps):
-    """Train on the known dictionary's samples; (atoms, the SAE as saved, 10,000 held-out samples)."""
-    atoms = known_dictionary(tmp_path / "all.npy", n=110_000)
-    x = np.load(tmp_path / "all.npy")
-    np.save(tmp_path / "train.npy", x[:100_000])
-    train_sae.main(["--activations", str(tmp_path / "train.npy"), "--d_sae", "128", "--batch", "1024",
-                    "--tokens", str(steps * 1024), "--buffer", "16384", "--lr", "1e-3", "--lr_warmup", "100",
-                    "--no-center", "--out", str(tmp_path / "run"), "--log_every", "1000", "--device", "cpu", *flags])
-    folder = tmp_path / "run" / "blocks.9.hook_resid_pre"
-    sae, _, _ = evaluation.load_sae(str(folder), 32)
-    return atoms, folder, sae, torch.from_numpy(x[100_000:])
-
-
-def test_topk_learns_a_known_dictionary(tmp_path):
-    atoms, folder, sae, held_out = known_dictionary_run(tmp_path, "--arch", "topk", "--k", "3", steps=800)
-    assert recovered(atoms, folder) >= 0.9
-    with torch.no_grad():
-        per_token = (sae(held_out)[1] > 0).sum(1)
-    # Fewer only where a top pre-activation is <= 0: about 5% of the samples have no atom at all.
-    assert per_token.max() == 3 and (per_token == 3).double().mean() > 0.9
-
-
-def test_batchtopk_threshold_gives_k_at_inference(tmp_path):
-    """The saved JumpReLU, with the threshold learnt in training, fires k times per held-out
-    sample on average, within 10%."""
-    _, _, sae, held_out = known_dictionary_run(tmp_path, "--arch", "batchtopk", "--k", "3", steps=800)
-    assert sae.arch == "jumprelu" and sae.threshold.min() == sae.threshold.max() > 0
-    with torch.no_grad():
-        l0 = (sae(held_out)[1] > 0).sum(1).double().mean().item()
-    assert abs(l0 - 3) <= 0.3, l0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random GPT-2 (3 layers, d 64) in transformers' layout and a token file."""
-    folder = tmp_path_factory.mktemp("tiny")
-    hf = transformers_gpt2(gpt2.GPTConfig(block_size=16, n_layer=3, n_head=1, n_embd=64))
-    hf.save_pretrained(str(folder))
-    gpt2.write_shard(str(folder / "tokens.bin"), np.random.default_rng(0).integers(0, 50257, 60_000).astype(np.uint16))
-    return str(folder / "model.safetensors"), str(folder / "tokens.bin")
-
-
-def tiny_args(tiny, out, *extra, steps=40):
-    weights, tokens = tiny
-    return ["--weights", weights, "--data", tokens, "--out", str(out), "--d_sae", "64", "--batch", "64",
-            "--tokens", str(64 * steps), "--buffer", "512", "--ctx", "16", "--gpt2_batch", "8", "--lr_warmup", "5",
-            "--dead_tokens", str(8 * 64), "--density_window", "4", "--log_every", "4", "--device", "cpu", *extra]
-
-
-def sae_weights(folder):
-    return load_file(os.path.join(folder, "sae_weights.safetensors"))
-
-
-def test_each_layer_gets_its_own_activations(tiny, tmp_path):
-    """Two SAEs from one forward equal: one trained alone; one trained on a cached file of
-    exactly its layer's residuals, which we check against gpt2.py directly."""
-    both = train_sae.main(tiny_args(tiny, tmp_path / "both", "--layer", "0,2"))
-    alone = train_sae.main(tiny_args(tiny, tmp_path / "alone", "--layer", "0"))
-    assert torch.equal(both[0].sae.W_enc, alone[0].sae.W_enc) and torch.equal(both[0].sae.b_dec, alone[0].sae.b_dec)
-    assert not torch.equal(both[0].sae.W_enc, both[1].sae.W_enc)
-    # 40 steps of 64 read the first half-buffer and 10 refills: 11 x 256 residuals.
-    rows = 11 * 256
-    train_sae.main(tiny_args(tiny, tmp_path, "--layer", "2", "--save_activations", str(tmp_path / "acts.npy"),
-                             "--tokens", str(rows)))
-    acts = np.load(tmp_path / "acts.npy")
-    model = gpt2.from_pretrained(tiny[0])
-    stream = gpt2.Contexts(gpt2.corpus(tiny[1], "train", 16), 16, seed=0)
-    with torch.no_grad():
-        ref = model.residuals(stream.next(rows // 16), [2])[2].reshape(-1, 64)  # [rows, d], uncentred
-    assert acts.shape == (rows, 64) and np.allclose(acts, ref.numpy(), atol=1e-5)
-    from_file = train_sae.main(tiny_args(tiny, tmp_path / "file", "--layer", "2", "--activations", str(tmp_path / "acts.npy")))
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(from_file[0].sae, name), getattr(both[1].sae, name)), name
-
-
-def test_output_is_saelens_format_and_reloads(tiny, tmp_path):
-    out = tmp_path / "run"
-    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1"))
-    folder = out / "blocks.1.hook_resid_pre"
-    assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
-    cfg = json.load(open(folder / "cfg.json"))
-    assert cfg["hook_name"] == "blocks.1.hook_resid_pre" and cfg["hook_layer"] == 1
-    assert (cfg["d_in"], cfg["d_sae"], cfg["architecture"], cfg["activation_fn_str"]) == (64, 64, "standard", "relu")
-    assert cfg["apply_b_dec_to_input"] is True and cfg["model_from_pretrained_kwargs"] == {"center_writing_weights": True}
-    assert "sae_lens_version" not in cfg and cfg["context_size"] == 16 and cfg["normalize_activations"] == "none"
-    weights = sae_weights(folder)
-    assert {k: list(v.shape) for k, v in weights.items()} == {"W_enc": [64, 64], "b_enc": [64], "W_dec": [64, 64], "b_dec": [64]}
-    reloaded = train_sae.SAE(64, 64)
-    reloaded.load_state_dict(weights)
-    x = torch.randn(50, 64)
-    s = t.scale.item()  # it trained on x * s (--normalize); the saved SAE takes x, and gives f / s
-    assert s != 1
-    with torch.no_grad():
-        _, f_trained, x_hat_trained = t.sae(x * s)
-        assert torch.allclose(reloaded(x)[1], f_trained / s, atol=1e-5)
-        assert torch.allclose(reloaded(x)[2], x_hat_trained / s, atol=1e-5)
-        # SAELens's forward, written out: f = relu((x - b_dec) W_enc + b_enc).
-        f = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
-        assert torch.allclose(f, f_trained / s, atol=1e-5)
-    sparsity = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
-    assert sparsity.shape == (64,) and torch.allclose(sparsity, torch.log10(t.density + 1e-10))
-    records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["step"] for r in records] == list(range(4, 41, 4))
-    assert {"tokens", "tokens_per_s", "mse", "l1", "ghost", "l0", "explained_variance", "dead_pct", "lr"} <= set(records[-1])
-    # A finished run is not overwritten without --force.
-    with pytest.raises(ValueError, match="holds a run already: pass --force"):
-        train_sae.main(tiny_args(tiny, out, "--layer", "1"))
-    train_sae.main(tiny_args(tiny, out, "--layer", "1", "--force"))
-
-
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
-    """topk is saved as SAELens's "topk" with its k; batchtopk as "jumprelu" with the threshold
-    learnt in training. eval.py's loader reads both back to the trained function."""
-    out = tmp_path / "run"
-    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1", "--arch", arch, "--k", "4"))
-    folder = out / "blocks.1.hook_resid_pre"
-    cfg, weights = json.load(open(folder / "cfg.json")), sae_weights(folder)
-    s = t.scale.item()
-    if arch == "topk":
-        assert (cfg["architecture"], cfg["k"], cfg["activation_fn_kwargs"]) == ("topk", 4, {"k": 4})
-        assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec"}
-    else:
-        assert (cfg["architecture"], cfg["activation_fn_str"]) == ("jumprelu", "relu")
-        theta = weights["threshold"]
-        assert theta.shape == (64,) and (theta == theta[0]).all() and theta[0] > 0
-        assert abs(theta[0].item() - t.sae.threshold[0].item() / s) < 1e-6 * theta[0].item()  # in input units
-    records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert {"mse", "auxk", "l0", "explained_variance", "dead_pct"} <= set(records[-1])
-    assert ("threshold" in records[-1]) == (arch == "batchtopk") and "l1" not in records[-1]
-    sae, layer, center = evaluation.load_sae(str(folder), 64)
-    x = 3 * torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        _, f_trained, x_hat_trained = t.sae(x * s)
-        _, f, x_hat = sae(x)
-        assert torch.allclose(f, f_trained / s, atol=1e-5) and torch.allclose(x_hat, x_hat_trained / s, atol=1e-5)
-        # SAELens's forward, written out.
-        pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
-        if arch == "topk":
-            top = pre.topk(4, dim=1)
-            ref = torch.zeros_like(pre).scatter_(1, top.indices, torch.relu(top.values))
-        else:
-            ref = torch.relu(pre) * (pre > weights["threshold"])
-        assert torch.allclose(f, ref, atol=1e-5) and (f > 0).any()
-
-
-def run_train(args, signal_after_checkpoint=None):
-    """train_sae.py in a subprocess; optionally sent a signal as soon as a checkpoint exists."""
-    proc = subprocess.Popen([sys.executable, "train_sae.py", *args], cwd=HERE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    if signal_after_checkpoint:
-        out = args[args.index("--out") + 1]
-        while not os.path.exists(os.path.join(out, "checkpoint.json")):
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            time.sleep(0.005)
-        proc.send_signal(signal_after_checkpoint)
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
-
-
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how, capsys):
-    """The run that is killed is a real process; the others run in this one."""
-    extra = ["--layer", "0,2", "--checkpoint_every", "256"]
-    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=200))
-    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=200), signal_after_checkpoint=how)
-    assert code == (-9 if how == signal.SIGKILL else 128 + signal.SIGTERM), err
-    assert not os.path.exists(tmp_path / "cut" / "blocks.0.hook_resid_pre")  # it really was cut short
-    with pytest.raises(ValueError, match="holds an unfinished run: continue it with --resume"):
-        train_sae.main(tiny_args(tiny, tmp_path / "cut", *extra, steps=200))
-    capsys.readouterr()
-    train_sae.main(["--resume", str(tmp_path / "cut")])
-    assert "resumed" in capsys.readouterr().err
-    for layer in (0, 2):
-        whole = sae_weights(tmp_path / "whole" / f"blocks.{layer}.hook_resid_pre")
-        cut = sae_weights(tmp_path / "cut" / f"blocks.{layer}.hook_resid_pre")
-        assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
-    logged = [(r["step"], r["layer"]) for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl"))]
-    assert logged == [(s, layer) for s in range(4, 201, 4) for layer in (0, 2)]  # none twice, none lost
-    assert not [n for n in os.listdir(tmp_path / "cut") if n.startswith(("ckpt-", "checkpoint"))]  # spent
-
-
-def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path):
-    """The threshold and AuxK's dead-feature counters are checkpointed too (AuxK is on: an
-    8-batch dead window at k 2 leaves features dead)."""
-    extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", "batchtopk", "--k", "2"]
-    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=120))
-    assert any(json.loads(line)["auxk"] > 0 for line in open(tmp_path / "whole" / "log.jsonl"))
-    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=120), signal_after_checkpoint=signal.SIGKILL)
-    assert code == -9 and not os.path.exists(tmp_path / "cut" / "blocks.1.hook_resid_pre"), err
-    train_sae.main(["--resume", str(tmp_path / "cut")])
-    whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "cut"))
-    assert set(whole) == set(cut) and all(torch.equal(whole[k], cut[k]) for k in whole)
-
-
-def signal_during_step(monkeypatch, at_step, signum, times):
-    """Make this process receive `signum` `times` times while train_step runs step `at_step`."""
-    real, sent = train_sae.train_step, []
-
-    def step(t, x, s, *args, **kwargs):
-        if s == at_step and not sent:
-            sent.append(s)
-            for _ in range(times):
-                os.kill(os.getpid(), signum)
-        return real(t, x, s, *args, **kwargs)
-    monkeypatch.setattr(train_sae, "train_step", step)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_after_the_step_and_resumes_mid_buffer(tiny, tmp_path, monkeypatch, capsys, signum):
-    """The first signal stops the run after the step it arrives in, not at the end of the
-    half-buffer (minutes on CPU): the checkpoint keeps the served rows not yet trained on, and
-    --resume gives the weights of a run never stopped."""
-    extra = ["--layer", "0,2", "--buffer", "2048", "--checkpoint_every", "10000000"]  # 16 steps per half-buffer
-    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=40))
-    signal_during_step(monkeypatch, 6, signum, times=1)
-    with pytest.raises(SystemExit) as stopped:
-        train_sae.main(tiny_args(tiny, tmp_path / "cut", *extra, steps=40))
-    assert stopped.value.code == 128 + signum
-    err = capsys.readouterr().err
-    assert "stopping after this step, with a checkpoint" in err and f"stopped by signal {signum} at step 7" in err
-    assert json.load(open(tmp_path / "cut" / "checkpoint.json"))["step"] == 7
-    checkpoint = load_file(str(tmp_path / "cut" / "ckpt-000000007-rank0.safetensors"))
-    assert checkpoint["served"].shape == (9 * 64, 2, 64)  # 16 batches served, 7 trained on
-    monkeypatch.undo()
-    train_sae.main(["--resume", str(tmp_path / "cut")])
-    for layer in (0, 2):
-        whole = sae_weights(tmp_path / "whole" / f"blocks.{layer}.hook_resid_pre")
-        cut = sae_weights(tmp_path / "cut" / f"blocks.{layer}.hook_resid_pre")
-        assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
-
-
-@pytest.mark.parametrize("at_step, note", [(20, "the checkpoint of step 16 is kept: continue with --resume"),
-                                           (3, "no checkpoint was written yet: start again")])
-def test_a_second_signal_quits_at_once_with_one_line(tiny, tmp_path, monkeypatch, capsys, at_step, note):
-    extra = ["--layer", "1", "--buffer", "2048", "--checkpoint_every", "1024"]  # routine checkpoints at refills
-    signal_during_step(monkeypatch, at_step, signal.SIGINT, times=2)
-    with pytest.raises(SystemExit) as stopped:
-        train_sae.main(tiny_args(tiny, tmp_path / "run", *extra, steps=40))
-    assert stopped.value.code == 130
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == f"signal 2 again: quitting without a checkpoint; {note}" + (f" {tmp_path / 'run'}" if at_step == 20 else "")
+def test_loading_gpt2_says_what_it_loaded(small, capsys):
+    hf, path, _ = small
+    gpt2.from_pretrained(path)
+    n = sum(p.numel() for p in hf.parameters())  # transformers' count; its unembedding is tied too
+    assert capsys.readouterr().err == (f"GPT-2 weights: {path} ({os.path.getsize(path) / 1e6:,.0f} MB, "
+                                       f"{n / 1e6:.1f}M parameters, 3 layers, d 64)\n")
 
 
 def test_interrupting_save_activations_leaves_nothing(tiny, tmp_path):
@@ -1183,7 +1072,7 @@ def test_saved_activations_say_what_they_are_and_label_the_sae(tiny, tmp_path, c
         "model": "gpt2", "hook_name": "blocks.2.hook_resid_pre", "layer": 2, "d": 64, "rows": 3000, "centered": False}
     x = np.load(acts)
     model = gpt2.from_pretrained(weights)
-    first = gpt2.Contexts(gpt2.corpus(tokens, "train", 16), 16, seed=0).next(1)
+    first = data.Contexts(data.corpus(tokens, "train", 16), 16, seed=0).next(1)
     assert np.allclose(x[:15], model.residuals(first, [2])[2][0, :15].detach().numpy(), atol=1e-5)  # the first context
 
     flags = ["--activations", acts, "--d_sae", "32", "--batch", "64", "--buffer", "512", "--tokens", "640", "--device", "cpu"]
@@ -1214,310 +1103,14 @@ def test_saved_activations_say_what_they_are_and_label_the_sae(tiny, tmp_path, c
                             f"activations with --activations")
 
 
-def test_force_leaves_only_the_new_run(tiny, tmp_path, capsys):
-    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "0,2", steps=8))
-    open(tmp_path / "run" / "notes.txt", "w").write("mine")  # not the run's: kept
-    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", "--force", steps=8))
-    assert "--force: deleted the earlier run's blocks.0.hook_resid_pre, blocks.2.hook_resid_pre" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "run")) == ["blocks.1.hook_resid_pre", "log.jsonl", "notes.txt", "run.json"]
-
-
-def test_resume_from_elsewhere_with_moved_inputs(tiny, tmp_path, monkeypatch):
-    """run.json holds absolute paths, so --resume works from any directory; inputs that moved
-    are given again; other flags are refused (the run continues with its own settings)."""
-    weights, tokens = tiny
-    os.makedirs(tmp_path / "a")
-    shutil.copy(tokens, tmp_path / "a" / "tokens.bin")
-    args = tiny_args(tiny, "run", "--layer", "1", "--buffer", "2048", steps=60)
-    args[args.index("--data") + 1] = "tokens.bin"  # relative to the directory it starts in
-    monkeypatch.chdir(tmp_path / "a")
-    signal_during_step(monkeypatch, 20, signal.SIGTERM, times=1)
-    with pytest.raises(SystemExit):
-        train_sae.main(args)
-    monkeypatch.undo()  # back in the project's directory, with train_step as it is
-    assert json.load(open(tmp_path / "a" / "run" / "run.json"))["data"] == str(tmp_path / "a" / "tokens.bin")
-    resume = ["--resume", str(tmp_path / "a" / "run")]
-    with pytest.raises(ValueError, match="^--tokens with --resume: a run continues with the settings in"):
-        train_sae.main([*resume, "--tokens", "100"])
-    os.replace(tmp_path / "a" / "tokens.bin", tmp_path / "moved.bin")
-    with pytest.raises(ValueError, match=r"2 file\(s\), but the run read 1"):
-        train_sae.main([*resume, "--data", f"{tmp_path / 'moved.bin'},{tokens}"])
-    train_sae.main([*resume, "--data", str(tmp_path / "moved.bin")])
-    train_sae.main(tiny_args(tiny, tmp_path / "whole", "--layer", "1", "--buffer", "2048", steps=60))
-    whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "a/run"))
-    assert all(torch.equal(whole[k], cut[k]) for k in whole)
-
-
-def test_what_a_run_prints_while_it_starts(tiny, tmp_path):
-    """No silent minutes: each stage of the start says what it did, and checkpoints say so too."""
-    code, err = run_train(tiny_args(tiny, tmp_path / "run", "--layer", "1", "--checkpoint_every", "256", steps=12))
-    assert code == 0, err
-    for line in ("filling the first half of the buffer: ", "layer 1: b_dec starts at the geometric median of 256 activations",
-                 "expected time for the remaining 9 steps: ", "checkpoint: step 4, ", f"MB in {tmp_path / 'run'}"):
-        assert line in err, (line, err)
-
-
-def test_ci_fails_loudly_without_the_offline_vocabulary(tmp_path):
-    """.ci/run, copied where no ../shared/tiktoken_cache exists, stops at once with one line
-    (before making a virtual environment), instead of running the tests with an empty path."""
-    os.makedirs(tmp_path / "clone" / ".ci")
-    shutil.copy(os.path.join(HERE, ".ci", "run"), tmp_path / "clone" / ".ci" / "run")
-    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
-    r = subprocess.run(["bash", str(tmp_path / "clone" / ".ci" / "run")], env=env, capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.startswith("error: ../shared/tiktoken_cache is missing"), r.stderr
-    assert len(r.stderr.splitlines()) == 1 and os.listdir(tmp_path / "clone") == [".ci"]
-
-
-def test_a_run_of_more_than_a_day_says_so_at_the_start(tiny, tmp_path, monkeypatch, capsys):
-    """As soon as the first half-buffer is filled (its rate bounds the run's length from below),
-    and again with the full estimate after three steps."""
-    signal_during_step(monkeypatch, 4, signal.SIGINT, times=1)
-    with pytest.raises(SystemExit):
-        train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", steps=10 ** 11))
-    err = capsys.readouterr().err
-    first = next(line for line in err.splitlines() if line.startswith("at that rate the activations alone take "))
-    assert first.endswith(f"for --tokens {64 * 10 ** 11:,}; {train_sae.OVER_A_DAY}")
-    assert "expected time for the remaining 99,999,999,997 steps: " in err and err.count(train_sae.OVER_A_DAY) == 2
-
-
-def test_expected_time_warns_past_a_day():
-    line = train_sae.expected_time(100_000, 2.0, 0.5)  # 250,000 s
-    assert line.startswith("expected time for the remaining 100,000 steps: 2.9 days (2 s a step, and 0.5 s a step "
-                           "filling the buffer)\nthat is more than a day: ")
-    assert train_sae.expected_time(100, 1.0, 0.2) == ("expected time for the remaining 100 steps: 2.0 min (1 s a step, "
-                                                      "and 0.2 s a step filling the buffer)")
-    assert [train_sae.duration(s) for s in (59, 600, 9000, 100_000, 200_000)] == [
-        "59 s", "10.0 min", "2.5 h", "27.8 h", "2.3 days"]
-
-
-def activation_run(tmp_path, x, *extra, steps=100):
-    """train_sae.main on the activation rows x [N, 16], in this process (the command line's
-    one-line errors are tested above): the error it raises, or None."""
-    np.save(tmp_path / "acts.npy", x)
-    try:
-        train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "run"), "--d_sae", "32",
-                        "--batch", "64", "--buffer", "512", "--tokens", str(64 * steps), "--log_every", "1",
-                        "--device", "cpu", *extra])
-    except (ValueError, FloatingPointError) as e:
-        return str(e)
-
-
-@pytest.mark.parametrize("checkpoints", [True, False])
-def test_a_diverged_run_stops_and_names_only_a_checkpoint_that_exists(tmp_path, checkpoints):
-    """Finite inputs whose squares overflow float32 make the loss infinite: the run stops with
-    one line, which offers the last checkpoint only when there is one, and that one is finite."""
-    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
-    x[1500:] = 1e38  # read in the fifth refill
-    error = activation_run(tmp_path, x, "--checkpoint_every", "256" if checkpoints else "1000000")
-    assert error and ("loss is inf" in error or "loss is nan" in error or "weights are not finite" in error), error
-    if not checkpoints:
-        assert "no checkpoint was written yet" in error and not os.path.exists(tmp_path / "run" / "checkpoint.json")
-        return
-    step = json.load(open(tmp_path / "run" / "checkpoint.json"))["step"]
-    assert f"the checkpoint of step {step:,} is kept: continue with --resume" in error, error
-    checkpoint = load_file(str(tmp_path / "run" / f"ckpt-{step:09d}-rank0.safetensors"))
-    assert all(torch.isfinite(v.float()).all() for k, v in checkpoint.items() if k != "generator")
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_a_non_finite_input_row_is_named(tmp_path, bad):
-    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
-    x[1234, 5] = bad
-    error = activation_run(tmp_path, x)
-    assert error == f"{tmp_path / 'acts.npy'}: row 1,234 is not finite (NaN or Inf); expected finite activations"
-
 # -----------------------------------------------------------------------------
-# The Triton kernels (kernels.py), under the interpreter: tiny shapes, none of them a multiple
-# of the 64 x 64 x 32 tile; the fused step with no dead features, some, and all.
-
-KERNEL_SHAPES = [(70, 50, 150), (1, 33, 65), (130, 96, 64)]  # B, d, m
-
-
-def close(got, ref, tol):
-    """Relative error in the norm, against a float64 reference."""
-    return (got.double() - ref).norm() <= tol * ref.norm() + 1e-12
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_encode_kernel(dtype, shape):
-    B, d, m = shape
-    g = torch.Generator().manual_seed(B * d + m)
-    x_in = torch.randn(B, d, generator=g).to(dtype)
-    W = (torch.randn(d, m, generator=g) / d ** 0.5).to(dtype)
-    b = 0.5 * torch.randn(m, generator=g)
-    l1w = 0.5 + torch.rand(m, generator=g)
-    f_out = torch.full((B, m), float("nan"), dtype=dtype)  # poisoned: every element must be written
-    f, l1, fires = kernels.encode(x_in, W, b, l1w, f=f_out)
-    pre = x_in.double() @ W.double() + b.double()  # float64, from the same (rounded) operands
-    f_ref = torch.relu(pre)
-    tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16 only in how f is stored
-    assert f is f_out and not f.isnan().any() and close(f, f_ref, tol)
-    assert close(l1, f_ref @ l1w.double(), 1e-6)  # summed from the fp32 accumulator
-    assert torch.equal(fires, (f_ref > 0).sum(0).int())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_pre_grad_kernel(dtype, shape):
-    B, d, m = shape
-    g = torch.Generator().manual_seed(B * d + m + 1)
-    d_x_hat = torch.randn(B, d, generator=g).to(dtype)
-    W_dec = (torch.randn(m, d, generator=g) / d ** 0.5).to(dtype)
-    f = torch.relu(torch.randn(B, m, generator=g)).to(dtype)  # about half zero
-    d_l1 = torch.randn(B, generator=g)
-    l1w = 0.5 + torch.rand(m, generator=g)
-    out = torch.full((B, m), float("nan"), dtype=dtype)
-    d_pre = kernels.pre_grad(d_x_hat, W_dec, f, d_l1, l1w, d_pre=out)
-    ref = (d_x_hat.double() @ W_dec.double().T + d_l1.double()[:, None] * l1w.double()) * (f > 0)
-    assert d_pre is out and not d_pre.isnan().any()
-    assert close(d_pre, ref, 1e-6 if dtype == torch.float32 else 1e-3)
-
-
-@pytest.mark.parametrize("convention", ["seed", "saelens"])
-@pytest.mark.parametrize("dead", [None, [3, 7, 20, 21], list(range(40))], ids=["no-dead", "dead", "all-dead"])
-def test_fused_step_matches_float64(convention, dead):
-    """The whole fused function, through the loss, in fp32: loss and every gradient."""
-    sae = random_sae()
-    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
-    dead_idx = None if dead is None else torch.tensor(dead)
-    loss, _, fires, _ = train_sae.sae_loss(sae, x, 1e-2, dead_idx, convention, impl="triton")
-    ref, errors = against_float64(sae, loss, x, dead_idx, convention)
-    assert abs(loss.item() - ref) < 1e-5 * abs(ref) and 0 < fires.sum() < 16 * 40
-    assert max(errors.values()) < 1e-5, errors
-
-
-def test_fused_step_in_fp16():
-    """Half-precision operands (what bf16 is on a GPU; the interpreter cannot do bf16 dots)."""
-    sae = random_sae(d=64, m=256)
-    x = 2 * torch.randn(128, 64, generator=torch.Generator().manual_seed(5))
-    dead = torch.arange(0, 256, 9)
-    with torch.autocast("cpu", torch.float16):
-        loss, _, _, _ = train_sae.sae_loss(sae, x, 1e-2, dead, "seed", impl="triton")
-    ref, errors = against_float64(sae, loss, x, dead, "seed")
-    assert abs(loss.item() - ref) < 1e-2 * abs(ref)
-    assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
-    assert max(errors.values()) < 1e-2, errors
-
-
-def test_fused_self_check(monkeypatch):
-    """What --kernels auto runs on CUDA before trusting the kernels: here, under the interpreter."""
-    assert kernels.check_fused("cpu") is None
-    monkeypatch.setattr(kernels, "encode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
-    assert kernels.check_fused("cpu") == "RuntimeError: PTX too new"
-    monkeypatch.undo()
-    real = kernels.pre_grad
-    monkeypatch.setattr(kernels, "pre_grad", lambda *a, **k: real(*a, **k) * 1.1)
-    assert kernels.check_fused("cpu") == "its results differ from the torch reference"
-
-
-def test_kernels_compile_for_gpus(tmp_path):
-    """Every kernel in every tile the autotuner may pick, compiled for Ampere (sm_80) and Hopper
-    (sm_90) by `python kernels.py` (Triton's own ptxas; no GPU needed), with a fresh compile
-    cache so that it really compiles: none spills, each fits the architecture's shared memory,
-    and the products run on tensor cores (wgmma on Hopper) except in IEEE fp32."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compiler, not the interpreter
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "kernels.py", "--json", "--jobs", "2"], cwd=HERE, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(r.stdout)
-    expected = {(arch, kernel, dtype) for arch in (80, 90) for kernel in ("encode_kernel", "pre_grad_kernel")
-                for dtype in ("bf16", "fp32/tf32", "fp32/ieee")}
-    expected |= {(arch, kernel, "fp32") for arch in (80, 90) for kernel in ("bag_sum_kernel", "gathered_dot_kernel")}
-    assert {(r["arch"], *r["variant"].split()[:2]) for r in rows} == expected
-    for size, tiles in kernels.TILES.items():  # a real choice for the autotuner: two tiles or more
-        assert len(tiles) >= 2
-    assert len(rows) == 2 * (2 * (len(kernels.TILES[2]) + 2 * len(kernels.TILES[4])) + 2)
-    for r in rows:
-        assert r["stack"] == 0 and r["local"] == 0, r  # nothing spills
-        assert r["shared"] <= kernels.SHARED_LIMIT[r["arch"]], r
-        kernel, dtype = r["variant"].split()[:2]
-        gemm = kernel in ("encode_kernel", "pre_grad_kernel") and dtype != "fp32/ieee"  # the others gather and add
-        assert r["tensor_cores"] == (("wgmma" if r["arch"] == 90 else "mma.sync") if gemm else "none"), r
-
-
-def test_the_gpu_check_passes_under_the_interpreter(capsys):
-    """`python kernels.py --check cuda`, the first thing to run on a GPU, at a tiny odd shape: it
-    passes here, and says FAIL when a kernel is wrong."""
-    assert kernels.check_on("cpu", shapes=((70, 50, 150),))
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and all(line.startswith("PASS") for line in lines), lines
-    real = kernels.gathered_dot
-    kernels.gathered_dot = lambda *a: real(*a) * 1.001
-    try:
-        assert not kernels.check_on("cpu", shapes=((70, 50, 150),))
-    finally:
-        kernels.gathered_dot = real
-    assert capsys.readouterr().out.count("FAIL") == 2  # the kernel, and check_sparse through it
-
-
-def steps_with_each_kernels(args, make_sae, n_dead, batch, steps):
-    """{impl: (Trainee, last record)} after `steps` train_steps with --kernels torch and triton,
-    on the same batches, from the same SAE with its first n_dead features dead from the start."""
-    runs = {}
-    for impl in ("torch", "triton"):
-        args.kernels = impl
-        sae = make_sae()
-        with torch.no_grad():
-            sae.b_enc[:n_dead] = -20
-        t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
-        g = torch.Generator().manual_seed(0)
-        for step in range(steps):
-            record = train_sae.train_step(t, torch.randn(batch, sae.b_dec.shape[0], generator=g) + 1, step, args,
-                                          lambda: torch.autocast("cpu", enabled=False), True)
-        runs[impl] = t, record
-    return runs
-
-
-def assert_same_training(runs, keys):
-    (a, ra), (b, rb) = runs["torch"], runs["triton"]
-    assert torch.equal(a.since_fired, b.since_fired) and torch.equal(a.fires, b.fires)
-    for name, param in a.sae.named_parameters():
-        assert close(b.sae.get_parameter(name).detach(), param.detach().double(), 1e-5), name
-    assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) for k in keys)
-
-
-def test_training_steps_triton_equal_torch():
-    args = train_sae.parse_args(["--d_sae", "200", "--lr", "1e-3", "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
-    # 50 dead from the start, so ghost grads join in after two steps
-    runs = steps_with_each_kernels(args, lambda: random_sae(d=48, m=200), n_dead=50, batch=96, steps=5)
-    assert runs["triton"][1]["ghost"] > 0
-    assert_same_training(runs, ("mse", "l1", "ghost", "l0"))
-
-# -----------------------------------------------------------------------------
-# Evaluation (eval.py)
-
-def write_sae_folder(folder, weights, layer, center, apply_b_dec=True, arch="standard"):
-    """A SAELens-format folder written by hand, with the flat pre-6.0 cfg.json of Bloom's releases
-    (and SAELens 6's architecture and k, for topk and jumprelu)."""
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, "sae_weights.safetensors"))
-    d, m = weights["W_enc"].shape
-    cfg = {"architecture": "standard", "d_in": d, "d_sae": m, "activation_fn_str": "relu", "activation_fn_kwargs": {},
-           "apply_b_dec_to_input": apply_b_dec, "finetuning_scaling_factor": False, "context_size": 16,
-           "model_name": "gpt2", "hook_name": f"blocks.{layer}.hook_resid_pre", "hook_layer": layer,
-           "hook_head_index": None, "prepend_bos": True, "dataset_path": "Skylion007/openwebtext",
-           "normalize_activations": "none", "dtype": "float32", "device": "cpu",
-           "model_from_pretrained_kwargs": {"center_writing_weights": center}}
-    cfg.update({"architecture": arch, **({"k": TOPK} if arch == "topk" else {})})
-    with open(os.path.join(folder, "cfg.json"), "w") as f:
-        json.dump(cfg, f)
-    return folder
-
-
-def eval_args(tiny, *folders, tokens=10 ** 6):
-    return [*map(str, folders), "--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--batch", "7",
-            "--tokens", str(tokens), "--device", "cpu"]
-
-
-TOPK = 8  # the k of hand-written topk folders
-
+# eval.py: every metric against float64, on GPT-2's residuals and on activation rows; closed-form
+# cases; Bloom's SAEs by name; checks before any work.
 
 def reference_metrics(tiny, weights, layer, center, apply_b_dec=True, arch="standard"):
     """Every metric in float64, from the formulas, on the same held-out contexts."""
     model = gpt2.from_pretrained(tiny[0]).double()
-    idx = gpt2.Contexts(gpt2.corpus(tiny[1], "eval", 16), 16).next(10 ** 6)          # all held-out contexts
+    idx = data.Contexts(data.corpus(tiny[1], "eval", 16), 16).next(10 ** 6)          # all held-out contexts
     W = {k: v.double() for k, v in weights.items()}
     with torch.no_grad():
         resid = model.residuals(idx, [layer])[layer]                                   # [n, T, d]
@@ -1547,12 +1140,6 @@ def reference_metrics(tiny, weights, layer, center, apply_b_dec=True, arch="stan
             "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean), "kl": kl, "tokens": idx.numel(),
             "largest": f.max(0).values,  # each feature's largest activation, as the dashboard's index lists
             "acts": f.view(*idx.shape, -1), "idx": idx}  # for the dashboard's examples
-
-
-def random_sae_weights(d, m, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {"W_enc": torch.randn(d, m, generator=g) / d ** 0.5, "b_enc": -0.5 * torch.rand(m, generator=g),
-            "W_dec": torch.randn(m, d, generator=g) / d ** 0.5, "b_dec": 0.1 * torch.randn(d, generator=g)}
 
 
 @pytest.mark.parametrize("center, apply_b_dec, arch", [(True, True, "standard"), (False, True, "standard"),
@@ -1683,6 +1270,50 @@ def test_eval_reads_our_training_output(tiny, tmp_path):
         assert sum(result["density_histogram"]["counts"]) == 64  # every feature in one bin
 
 
+def test_gpt2_and_eval_say_when_the_held_out_split_is_smaller(tiny, tmp_path, capsys):
+    """tiny's held-out split: 40 contexts of 16 tokens."""
+    folder = write_sae_folder(tmp_path / "blocks.1.hook_resid_pre", random_sae_weights(64, 16, seed=1), 1, center=True)
+    short = "the held-out split has only 640 tokens (in contexts of 16); evaluated on 640 of the 1,000,000 asked"
+    evaluation.main(eval_args(tiny, folder, tokens=10 ** 6))
+    err = capsys.readouterr().err
+    assert f"SAE {folder}: layer 1, relu, d_sae 16, centred input\n" in err and short in err
+    result = json.load(open(folder / "eval.json"))
+    assert result["tokens"] == 640 and result["settings"]["tokens_requested"] == 10 ** 6
+    evaluation.main(eval_args(tiny, folder, tokens=64))
+    assert "held-out split has only" not in capsys.readouterr().err
+    assert json.load(open(folder / "eval.json"))["settings"]["tokens_requested"] == 64
+    gpt2.main(["--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--tokens", "1000000"])
+    assert short in capsys.readouterr().err
+    gpt2.main(["--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--tokens", "64"])
+    assert "held-out split has only" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["truncated-weights", "broken-cfg", "feature-out-of-range"])
+def test_eval_bad_sae_folder_gets_one_line_before_any_work(tiny, tmp_path, case, monkeypatch):
+    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", random_sae_weights(64, 96, seed=3), 2, center=True)
+    weights_file, cfg_file = folder / "sae_weights.safetensors", folder / "cfg.json"
+    extra = []
+    if case == "truncated-weights":
+        weights_file.write_bytes(weights_file.read_bytes()[:5000])
+        message = f"error: {weights_file}: not a complete safetensors file ("
+    elif case == "broken-cfg":
+        cfg_file.write_text(cfg_file.read_text()[:-10])
+        message = f"error: {cfg_file}: not valid JSON ("
+    else:
+        extra = ["--dashboard", "--features", "3,99999"]
+        message = f"error: --features 99999: expected 0..95 (d_sae of {folder})"
+    # In this process (the command line's printing of such errors is tested with BAD_INPUT); before
+    # any work: GPT-2 is never loaded.
+    monkeypatch.setattr(gpt2, "from_pretrained", lambda *a: pytest.fail("GPT-2 loaded before the check"))
+    with pytest.raises((ValueError, OSError)) as e:
+        evaluation.main(eval_args(tiny, folder) + extra)
+    assert ("error: " + str(e.value)).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# dashboard.py: every feature's page against a search of all contexts at once, a planted feature,
+# pages from activation rows, and the page in a real browser.
+
 PLANTED_TOKEN = 23748  # " hello"
 
 
@@ -1700,7 +1331,7 @@ def planted(tiny, tmp_path_factory):
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 50000, 40_000)
     tokens[rng.random(40_000) < 0.05] = PLANTED_TOKEN
-    gpt2.write_shard(str(folder / "tokens.bin"), tokens.astype(np.uint16))
+    data.write_shard(str(folder / "tokens.bin"), tokens.astype(np.uint16))
     sae = random_sae_weights(64, 32, seed=4)
     sae["W_enc"][:, 5], sae["b_enc"][5], sae["b_dec"][:] = u, -2.5, 0
     write_sae_folder(folder / "blocks.0.hook_resid_pre", sae, 0, center=False)
@@ -1728,7 +1359,7 @@ def check_examples(folder, acts, idx, top=12):
     windows (24 before the peak, 8 after) of the contexts with the highest peaks, best first, with
     its activations in thousandths of its max; each fifth holds min(4, contexts there) examples."""
     index, pages = read_dashboard(folder)
-    enc, (_, T, m) = gpt2.tokenizer(), acts.shape
+    enc, (_, T, m) = data.tokenizer(), acts.shape
     tok = lambda t: enc.decode_single_token_bytes(t).decode("utf-8", errors="replace")
     peak, at = acts.max(1)                                                                   # [n, m]
     assert sorted(pages) == list(range(m)) and index["pages"] is None
@@ -1752,7 +1383,7 @@ def planted_dashboard(planted):
     weights, tokens, folder = planted
     if not (folder / "dashboard").exists():
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(evaluation, "CHUNK", 8)
+            mp.setattr(dashboard, "CHUNK", 8)
             evaluation.main([str(folder), "--weights", weights, "--data", tokens, "--ctx", "16", "--tokens", "100000",
                              "--device", "cpu", "--dashboard", "--top", "6"])
     return read_dashboard(folder)
@@ -1801,10 +1432,10 @@ def test_dashboard_examples_match_a_search_of_all_contexts_at_once(tmp_path):
     idx = torch.randint(0, 50257, (40, 64), generator=g)
     s = {"folder": "random", "layer": 0, "sae": train_sae.SAE(8, 50), "n": acts[..., 0].numel(),
          "fires": (acts > 0).sum((0, 1)), "max_act": acts.amax((0, 1))}
-    evaluation.start_examples(s, evaluation.p.parse_args(["random", "--device", "cpu", "--top", "5"]))
+    dashboard.start_examples(s, evaluation.p.parse_args(["random", "--device", "cpu", "--top", "5"]))
     for b in range(0, 40, 6):
-        evaluation.collect_examples(s["dash"], acts[b:b + 6], idx[b:b + 6])
-    evaluation.write_folder(str(tmp_path / "dashboard"), evaluation.dashboard_files(s, enc=gpt2.tokenizer()))
+        dashboard.collect_examples(s["dash"], acts[b:b + 6], idx[b:b + 6])
+    dashboard.write_folder(str(tmp_path / "dashboard"), dashboard.dashboard_files(s, enc=data.tokenizer()))
     check_examples(tmp_path, acts, idx, top=5)
     assert {len(ids) for ids, _ in read_dashboard(tmp_path)[1][0]["top"]} >= {33}  # a whole window, inside the context
 
@@ -1816,9 +1447,9 @@ def rows_dashboard(path):
     with torch.no_grad():
         f = sae(torch.randn(500, 64, generator=torch.Generator().manual_seed(0)))[1]
     s = {"folder": "rows", "layer": 3, "sae": sae, "n": len(f), "fires": (f > 0).sum(0), "max_act": f.max(0).values}
-    evaluation.start_examples(s, evaluation.p.parse_args(["rows", "--device", "cpu"]), tokens=False)
-    evaluation.collect_examples(s["dash"], f[None])                             # [1, rows, m], no token ids
-    evaluation.write_folder(str(path), evaluation.dashboard_files(s))          # no model, no tokenizer
+    dashboard.start_examples(s, evaluation.p.parse_args(["rows", "--device", "cpu"]), tokens=False)
+    dashboard.collect_examples(s["dash"], f[None])                             # [1, rows, m], no token ids
+    dashboard.write_folder(str(path), dashboard.dashboard_files(s))          # no model, no tokenizer
     return f
 
 
@@ -1889,15 +1520,606 @@ def test_dashboard_opens_in_a_browser_without_errors(planted, tmp_path):
     assert "<h2>Feature 3</h2>" in dom and "No token contexts" in dom and "Closest decoder directions" in dom
     assert "<h3>Raises the logits" not in dom and '<div class="ylabel">count</div>' in dom
 
+
 # -----------------------------------------------------------------------------
-# Several processes: real process groups (gloo) on 127.0.0.1, two ranks.
+# data.py: downloads, against a real HTTP server on 127.0.0.1 that honours Range requests and can
+# cut its first response short; progress lines; tokens, shards and contexts; activation files.
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def server():
+    state = {"files": {}, "ranges": [], "cut_first_at": None, "errors": []}  # errors: statuses to answer first
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if state["errors"]:
+                self.send_error(state["errors"].pop(0))
+                return
+            if self.path.startswith("/redirect/"):  # as Hugging Face sends downloads to its CDN
+                self.send_response(302)
+                self.send_header("Location", self.path.removeprefix("/redirect"))
+                self.end_headers()
+                return
+            payload = state["files"][self.path]
+            rng = self.headers.get("Range")
+            state["ranges"].append(rng)
+            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            if start >= len(payload):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(payload)}")
+                self.end_headers()
+                return
+            self.send_response(206 if rng else 200)
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+            self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            body = payload[start:]
+            if state["cut_first_at"] is not None and len(state["ranges"]) == 1:
+                body = body[:state["cut_first_at"]]  # then the connection closes: a broken transfer
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield state
+    srv.shutdown()
+
+
+def test_download_complete(server, tmp_path):
+    payload = os.urandom(3_000_000)
+    server["files"]["/w.bin"] = payload
+    dest = str(tmp_path / "sub" / "w.bin")
+    import hashlib
+    data.download(server["url"] + "/w.bin", dest, size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    assert open(dest, "rb").read() == payload and not os.path.exists(dest + ".part")
+    data.download(server["url"] + "/w.bin", dest)  # cached: no second request
+    assert server["ranges"] == [None]
+
+
+def test_download_cut_midway_resumes(server, tmp_path):
+    payload = os.urandom(2_500_000)
+    server["files"]["/w.bin"] = payload
+    server["cut_first_at"] = 1_000_000
+    dest = str(tmp_path / "w.bin")
+    data.download(server["url"] + "/redirect/w.bin", dest, size=len(payload))
+    assert open(dest, "rb").read() == payload
+    assert server["ranges"] == [None, "bytes=1000000-"]  # the second request resumed, past the redirect
+
+
+def test_download_resumes_a_part_left_by_an_earlier_run(server, tmp_path):
+    payload = os.urandom(1_000_000)
+    server["files"]["/w.bin"] = payload
+    dest = str(tmp_path / "w.bin")
+    with open(dest + ".part", "wb") as f:
+        f.write(payload[:300_000])
+    data.download(server["url"] + "/w.bin", dest, size=len(payload))
+    assert open(dest, "rb").read() == payload and server["ranges"] == ["bytes=300000-"]
+    # A part that is already whole (killed between the last byte and the rename) is finished.
+    dest2 = str(tmp_path / "w2.bin")
+    with open(dest2 + ".part", "wb") as f:
+        f.write(payload)
+    data.download(server["url"] + "/w.bin", dest2, size=len(payload))
+    assert open(dest2, "rb").read() == payload and server["ranges"][-1] == "bytes=1000000-"
+
+
+def test_download_refuses_size_or_hash_mismatch(server, tmp_path):
+    payload = os.urandom(500_000)
+    server["files"]["/w.bin"] = payload
+    dest = str(tmp_path / "w.bin")
+    with pytest.raises(ValueError, match="500,000 bytes, expected 500,001"):
+        data.download(server["url"] + "/w.bin", dest, size=len(payload) + 1)
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        data.download(server["url"] + "/w.bin", dest, sha256="0" * 64)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_without_network_fails_at_once(tmp_path, monkeypatch, capsys):
+    """No retries for what a retry cannot mend: a name that does not resolve (.invalid never
+    does), a port nobody listens on, a 404; and no .part named when none was written."""
+    calls = []
+    fetch = data.fetch_rest
+    monkeypatch.setattr(data, "fetch_rest", lambda *a: calls.append(a) or fetch(*a))
+    for url, message in [("http://nonexistent.invalid/x", "cannot reach nonexistent.invalid: name resolution failed (no network?)"),
+                         (f"http://127.0.0.1:{free_port()}/x", "cannot reach 127.0.0.1: connection refused")]:
+        calls.clear()
+        t0 = time.time()
+        with pytest.raises(OSError) as e:
+            data.download(url, str(tmp_path / "x.bin"))
+        assert str(e.value) == message and len(calls) == 1 and time.time() - t0 < 5
+    assert "transfer broke" not in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+def test_download_retries_server_errors_and_names_the_part_only_when_there_is_one(server, tmp_path, capsys):
+    payload = os.urandom(1_000_000)
+    server["files"]["/w.bin"] = payload
+    dest, url = str(tmp_path / "w.bin"), server["url"] + "/w.bin"
+    server["errors"] = [404]
+    with pytest.raises(OSError, match=r"^download of .*/w.bin failed: HTTP 404 Not Found$"):
+        data.download(url, dest)
+    server["errors"] = [503, 503]  # a server error is worth a retry; no byte came, so no .part
+    with pytest.raises(OSError, match=r"HTTP Error 503: Service Unavailable\) after 2 tries$"):
+        data.download(url, dest, retries=1)
+    assert capsys.readouterr().err.count("transfer broke") == 1 and os.listdir(tmp_path) == []
+    server["cut_first_at"] = 300_000  # a broken transfer leaves a .part, which the message names
+    with pytest.raises(OSError, match=f"after 1 try; run again to resume from {dest}.part$"):
+        data.download(url, dest, retries=0)
+    assert os.path.getsize(dest + ".part") == 300_000
+    with pytest.raises(OSError, match=f"^cannot reach 127.0.0.1: connection refused; run again to resume from {dest}.part$"):
+        data.download(f"http://127.0.0.1:{free_port()}/w.bin", dest)
+    data.download(url, dest, size=len(payload))  # and the next run resumes it
+    assert open(dest, "rb").read() == payload and server["ranges"][-1] == "bytes=300000-"
+
+
+def test_progress_picks_a_readable_scale(capsys):
+    t0 = time.time() - 10
+    data.progress("eval", 12_300, 50_000, t0, unit="tokens")
+    data.progress("model.safetensors", 120_500_000, 548_105_171, t0)
+    data.progress("shard.bin", 2_500, None, t0)
+    data.progress("eval", 300, 900, t0, unit="tokens")
+    lines = [line.strip() for line in capsys.readouterr().err.split("\r") if line]
+    assert lines == ["eval: 12.3k/50.0k tokens (25%) at 1.23k tokens/s",
+                     "model.safetensors: 120.5/548.1 MB (22%) at 12.05 MB/s",
+                     "shard.bin: 2.5 kB at 250.00 B/s",
+                     "eval: 300.0/900.0 tokens (33%) at 30.00 tokens/s"]
+
+
+# Tokens.
+
+
+@pytest.fixture(scope="module")
+def enc():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+TEXT = ("The residual stream is the sum of every layer's output.\n\n  Indented line; café, naïve, 東京.\n" * 40
+        + "<|endoftext|>" + "A second document, with numbers 12345 and symbols #@!.\n" * 60
+        + "<|endoftext|>" + "Third.\n")
+
+
+def test_text_round_trips(tmp_path, enc, monkeypatch):
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    tokens = data.read_shard(str(tmp_path / "a.txt"), str(tmp_path / "cache"))
+    assert tokens[0] == data.BOS and enc.decode(tokens.tolist()) == "<|endoftext|>" + TEXT
+    assert tokens.tolist() == [data.BOS] + enc.encode(TEXT, allowed_special={"<|endoftext|>"})
+    assert (tokens == data.BOS).sum() == 3  # one before each document
+    # A large file is read in pieces; the tokens still decode to the text exactly.
+    monkeypatch.setattr(data, "TEXT_PIECE_CHARS", 100)
+    (tmp_path / "b.txt").write_text(TEXT, encoding="utf-8")
+    pieces = data.read_shard(str(tmp_path / "b.txt"), str(tmp_path / "cache"))
+    assert enc.decode(pieces.tolist()) == "<|endoftext|>" + TEXT and (pieces == data.BOS).sum() == 3
+
+
+def test_shard_formats_read_back(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, 10_000).astype(np.uint16)
+    data.write_shard(str(tmp_path / "headered.bin"), tokens)
+    tokens.tofile(tmp_path / "raw.bin")  # nanoGPT's train.bin layout
+    np.save(tmp_path / "a.npy", tokens)
+    for name in ("headered.bin", "raw.bin", "a.npy"):
+        assert np.array_equal(data.read_shard(str(tmp_path / name)), tokens), name
+    assert isinstance(data.read_shard(str(tmp_path / "headered.bin")), np.memmap)
+    with open(tmp_path / "headered.bin", "ab") as f:
+        f.write(b"xx")
+    with pytest.raises(ValueError, match="for the 10,000 tokens its header declares"):
+        data.read_shard(str(tmp_path / "headered.bin"))
+    np.save(tmp_path / "wide.npy", tokens.astype(np.int32))
+    with pytest.raises(ValueError, match="int32 array of shape .* expected 1-D uint16"):
+        data.read_shard(str(tmp_path / "wide.npy"))
+
+
+def shard_files(tmp_path, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    paths, arrays = [], []
+    for i, n in enumerate(sizes):
+        a = rng.integers(0, 50000, n).astype(np.uint16)
+        data.write_shard(str(tmp_path / f"s{i}.bin"), a)
+        paths.append(str(tmp_path / f"s{i}.bin"))
+        arrays.append(a)
+    return paths, arrays
+
+
+def test_contexts_cover_the_corpus_once_per_epoch(tmp_path):
+    ctx = 16
+    paths, arrays = shard_files(tmp_path, [15 * 50 + 7, 15 * 30])
+    stream = data.Contexts(data.corpus(paths, "train", ctx), ctx, seed=1)
+    # Each file holds back its last max(1, 1%) windows: one here.
+    train_windows = {a[w * 15:(w + 1) * 15].tobytes() for a in arrays for w in range(len(a) // 15 - 1)}
+    n_train = 49 + 29
+    rows = stream.next(n_train)
+    assert rows.shape == (n_train, ctx) and (rows[:, 0] == data.BOS).all()
+    seen = [r[1:].numpy().astype(np.uint16).tobytes() for r in rows]
+    assert len(set(seen)) == n_train and set(seen) == train_windows
+    assert stream.state_dict()["epoch"] == 1
+    again = stream.next(n_train)  # epoch 1: the same windows in another order
+    assert sorted(r[1:].numpy().tobytes() for r in again) == sorted(r[1:].numpy().tobytes() for r in rows)
+    assert not torch.equal(again, rows)
+    # The held-out windows are the last of each file, and none of them is served for training.
+    held = data.Contexts(data.corpus(paths, "eval", ctx), ctx)
+    heldout = held.next(100)
+    assert len(heldout) == 2 and len(held.next(5)) == 0
+    assert torch.equal(heldout[0, 1:], torch.from_numpy(arrays[0][49 * 15:50 * 15].astype(np.int64)))
+    assert not {r[1:].numpy().astype(np.uint16).tobytes() for r in heldout} & set(seen)
+
+
+def test_contexts_are_deterministic_and_resume(tmp_path):
+    paths, _ = shard_files(tmp_path, [2000, 1000, 1500])
+    make = lambda seed: data.Contexts(data.corpus(paths, "train", 32), 32, seed=seed)
+    a, b, c = make(0), make(0), make(1)
+    first = a.next(40)
+    assert torch.equal(first, b.next(40)) and not torch.equal(first, c.next(40))
+    # Save mid-stream, run on across shard and epoch boundaries, then restore into a new stream.
+    state = a.state_dict()
+    later = [a.next(37) for _ in range(6)]
+    resumed = make(0)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, resumed.next(37)) for x in later)
+    with pytest.raises(ValueError, match="seed 0 .* expected 1"):
+        make(1).load_state_dict(state)
+
+
+def test_corpus_checks_every_file_at_once(tmp_path, capsys):
+    paths, _ = shard_files(tmp_path, [1000, 500])
+    (tmp_path / "odd.bin").write_bytes(bytes(1001))
+    # The bad file is the second of three: refused now, not when the stream reaches it.
+    with pytest.raises(ValueError, match="odd.bin: odd size 1,001 bytes, expected uint16 tokens"):
+        data.corpus([paths[0], str(tmp_path / "odd.bin"), paths[1]], "train", 16)
+    capsys.readouterr()
+    # 66 and 33 windows of 15 tokens: the last of each is held out, with the leftover tokens.
+    assert len(data.corpus(paths, "train", 16)) == 2 and len(data.corpus(",".join(paths), "eval", 16)) == 2
+    assert capsys.readouterr().err == "training tokens: 2 files, 1,455 tokens\nheld-out tokens: 2 files, 45 tokens\n"
+    shards = data.corpus("fineweb", "train", cache_dir=str(tmp_path / "cache"))  # nothing is fetched yet
+    assert len(shards) == 103 and not os.path.exists(tmp_path / "cache")
+    assert "103 shards of about 100M tokens, each downloaded (200 MB) when the stream reaches it" in capsys.readouterr().err
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    data.write_shard(str(tmp_path / "t.bin"), np.full(500, 60000, np.uint16))
+    with pytest.raises(ValueError, match="token id 60000 in the corpus, expected < 50257"):
+        data.Contexts(data.corpus(str(tmp_path / "t.bin"), "train", 16), 16, seed=0).next(2)
+
+
+def test_tokenizer_offline_gets_one_line(tmp_path):
+    """No network and no cached vocabulary: one line that says where tiktoken looks, and for what."""
+    (tmp_path / "a.txt").write_text("Some text.\n")
+    (tmp_path / "empty").mkdir()
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update({"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+                **{k: "http://127.0.0.1:9" for k in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}})
+    for args in (["gpt2.py", "--data", str(tmp_path / "a.txt")], ["eval.py", str(tmp_path), "--dashboard"]):
+        r = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("error: cannot load GPT-2's tokenizer") and f"TIKTOKEN_CACHE_DIR (now {tmp_path / 'empty'})" in err
+        assert "vocab.bpe and encoder.json, named 6d1cbeee0f20b3d9449abfede4726ed8212e3aee and " \
+               "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6" in err and "with network, tiktoken fetches it" in err
+
+
+def activation_run(tmp_path, x, *extra, steps=100):
+    """train_sae.main on the activation rows x [N, 16], in this process (the command line's
+    one-line errors are tested above): the error it raises, or None."""
+    np.save(tmp_path / "acts.npy", x)
+    try:
+        train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "run"), "--d_sae", "32",
+                        "--batch", "64", "--buffer", "512", "--tokens", str(64 * steps), "--log_every", "1",
+                        "--device", "cpu", *extra])
+    except (ValueError, FloatingPointError) as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_row_is_named(tmp_path, bad):
+    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+    x[1234, 5] = bad
+    error = activation_run(tmp_path, x)
+    assert error == f"{tmp_path / 'acts.npy'}: row 1,234 is not finite (NaN or Inf); expected finite activations"
+
+
+# -----------------------------------------------------------------------------
+# runs.py: one line for bad input and for signals; checkpoints and --resume after real kills; the
+# run folder; what a run prints; and several processes (real process groups, gloo, on 127.0.0.1).
+
+# Bad input on the command line: one line, non-zero exit, no traceback.
+
+
+def run_cli(*args, cache):
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    r = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr.strip()
+
+
+BAD_INPUT = [
+    (["train_sae.py", "--layer", "13"], "error: layer 13 out of range: expected 0..12"),
+    (["train_sae.py", "--layer", "nine"], "error: --layer 'nine': expected a number"),
+    (["train_sae.py", "--data", "missing.txt"], "error: token file not found: missing.txt"),
+    (["train_sae.py", "--batch", "0"], "error: --batch 0: expected a positive number"),
+    (["train_sae.py", "--tokens", "100"], "error: --tokens 100: expected at least one batch (4096)"),
+    (["train_sae.py", "--layer", "3,4", "--activations", "a.npy"], "error: --layer 3,4: expected one layer"),
+    (["train_sae.py", "--activations", "{tmp}/missing.npy", "--out", "{tmp}/run"], "error: activations file not found"),
+    (["train_sae.py", "--resume", "{tmp}/nothing"], "error: no run to resume in"),
+    (["train_sae.py", "--arch", "topk", "--k", "0"], "error: --k 0: expected 1..24576 (--d_sae)"),
+    (["train_sae.py", "--arch", "batchtopk", "--threshold_rate", "2"], "error: --threshold_rate 2.0: expected a rate in (0, 1]"),
+    (["train_sae.py", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
+    (["eval.py", "{tmp}", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
+    (["train_sae.py", "--activations", "{tmp}/cut.npy", "--out", "{tmp}/run"], "error: {tmp}/cut.npy: not a complete .npy file"),
+    (["train_sae.py", "--activations", "{tmp}/cut.safetensors", "--out", "{tmp}/run"],
+     "error: {tmp}/cut.safetensors: not a complete .safetensors file"),
+    (["train_sae.py", "--weights", "{tmp}"], "error: --weights {tmp} is a directory, expected a model.safetensors file"),
+    (["train_sae.py", "--out", "{tmp}/a.bin"], "error: --out {tmp}/a.bin: a file, expected a run folder"),
+    (["eval.py", "{tmp}/nothing"], "error: no such folder"),
+    (["eval.py", "{tmp}"], "no SAE in it (expected cfg.json, or folders blocks.L.hook_resid_pre/)"),
+    (["eval.py", "{tmp}", "--tokens", "0"], "error: --tokens 0: expected a positive number"),
+    (["gpt2.py", "--data", "{tmp}/latin1.txt"], "not UTF-8 text"),
+    (["gpt2.py", "--data", "{tmp}/empty.txt"], "error: empty corpus"),
+    (["train_sae.py", "--data", "{tmp}/empty.txt", "--out", "{tmp}/run"], "error: empty corpus"),
+    (["gpt2.py", "--data", "{tmp}/a.bin", "--weights", "{tmp}/missing.safetensors"],
+     "error: weights file not found"),
+    (["gpt2.py", "--data", "{tmp}/a.bin", "--weights", "{tmp}"], "is a directory, expected a model.safetensors file"),
+    (["eval.py", "{tmp}", "--weights", "{tmp}"], "is a directory, expected a model.safetensors file"),
+    (["gpt2.py", "--data", "{tmp}/a.bin,{tmp}/odd.bin"], "odd.bin: odd size 1,001 bytes, expected uint16 tokens"),
+    (["gpt2.py", "--tokens", "0"], "error: --tokens 0: expected a positive number"),
+    (["eval.py", "{tmp}", "--features", "abc"], "error: --features 'abc': expected comma-separated feature numbers"),
+    (["bench.py", "--sections", "gpt2,nonsense"],
+     "error: --sections 'nonsense': expected a comma-separated list of gpt2, step, train, precision, ranks, realacts"),
+]
+
+
+MAINS = {"train_sae.py": train_sae.main, "eval.py": evaluation.main, "gpt2.py": gpt2.main}
+
+
+# Run as real command lines too: the first case of each script, and a missing file (an OSError,
+# not a ValueError). bench.py runs at import, so its cases are command lines only.
+COMMAND_LINES = sorted({[args[0] for args, _ in BAD_INPUT].index(script) for script in ("train_sae.py", "eval.py", "gpt2.py")}
+                       | {i for i, (args, _) in enumerate(BAD_INPUT) if args[0] == "bench.py" or "missing.txt" in args})
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """The bad files, and the COMMAND_LINES run as subprocesses, side by side: each spends about
+    1.5 s importing torch, so on 2 cores that halves the wait. Each has its own cache."""
+    from concurrent.futures import ThreadPoolExecutor
+    tmp = tmp_path_factory.mktemp("bad_input")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (tmp / "empty.txt").write_text("")
+    data.write_shard(str(tmp / "a.bin"), np.arange(1000, dtype=np.uint16))
+    (tmp / "odd.bin").write_bytes(bytes(1001))
+    np.save(tmp / "cut.npy", np.zeros((1000, 16), np.float32))
+    save_file({"x": torch.zeros(1000, 16)}, str(tmp / "cut.safetensors"))
+    for name in ("cut.npy", "cut.safetensors"):  # truncated, as by a full disk or a killed copy
+        (tmp / name).write_bytes((tmp / name).read_bytes()[:3000])
+    run = lambda i: run_cli(*[a.format(tmp=tmp) for a in BAD_INPUT[i][0]], cache=tmp / "caches" / str(i))
+    with ThreadPoolExecutor(4) as pool:
+        return tmp, dict(zip(COMMAND_LINES, pool.map(run, COMMAND_LINES)))
+
+
+@pytest.mark.parametrize("i", range(len(BAD_INPUT)), ids=[" ".join(args) for args, _ in BAD_INPUT])
+def test_bad_input_gets_one_line(bad_input_runs, i, monkeypatch):
+    """Each script's main raises the error that its __main__ prints as one line (ValueError or
+    OSError, a message without a line break); the COMMAND_LINES show that it does, with no
+    traceback and a non-zero exit."""
+    tmp, command_lines = bad_input_runs
+    (script, *argv), message = [a.format(tmp=tmp) for a in BAD_INPUT[i][0]], BAD_INPUT[i][1].format(tmp=tmp)
+    if i in command_lines:
+        code, err = command_lines[i]
+        assert code != 0 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    if script in MAINS:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "caches" / f"in-process-{i}"))
+        monkeypatch.chdir(HERE)  # relative paths, as the command lines have them
+        with pytest.raises((ValueError, OSError)) as e:
+            MAINS[script](argv)
+        assert message in "error: " + str(e.value) and "\n" not in str(e.value), str(e.value)
+    else:
+        assert i in command_lines
+
+
+def test_help_shows_each_default_once(tmp_path):
+    for script in ("gpt2.py", "eval.py", "bench.py"):
+        r = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
+        text = " ".join(r.stdout.split())  # one line: argparse wraps the help at the terminal's width
+        assert r.returncode == 0 and "(default:" in text, (script, r.stderr)
+        assert "(default: None)" not in text and "(default: )" not in text, script
+        assert not re.search(r"\(default:[^()]*\) \(default:", text), script
+    # bench.py names its sections and shows which run by default
+    assert "of gpt2, step, train, precision, ranks, realacts" in text and "(default: gpt2,step,train,precision,ranks)" in text
+
+
+def read_stderr_until(proc, text, timeout=60):
+    """What proc has written to stderr once `text` appears in it (progress lines end in \\r, not \\n)."""
+    got, deadline = "", time.time() + timeout
+    while text not in got:
+        assert proc.poll() is None and time.time() < deadline, got
+        if select.select([proc.stderr], [], [], 0.5)[0]:
+            got += os.read(proc.stderr.fileno(), 1 << 16).decode()
+    return got
+
+
+@pytest.mark.parametrize("script, how", [("eval.py", signal.SIGINT), ("eval.py", signal.SIGTERM), ("gpt2.py", signal.SIGINT)],
+                         ids=["eval-SIGINT", "eval-SIGTERM", "gpt2-SIGINT"])
+def test_interrupt_ends_with_one_line(tiny, tmp_path, script, how):
+    tokens = str(tmp_path / "tokens.bin")
+    data.write_shard(tokens, np.random.default_rng(0).integers(0, 50257, 10_000_000).astype(np.uint16))  # 100k held out
+    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", random_sae_weights(64, 96, seed=3), 2, center=True)
+    args = [str(folder)] if script == "eval.py" else []
+    proc = subprocess.Popen([sys.executable, script, *args, "--weights", tiny[0], "--data", tokens, "--ctx", "16",
+                             "--tokens", "100000"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = read_stderr_until(proc, "eval pass 1 of 2" if script == "eval.py" else "scoring held-out tokens")
+    proc.send_signal(how)
+    err += proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 128 + how and "Traceback" not in err, err
+    after_progress = err.rsplit("\r", 1)[1].strip().splitlines()  # the last progress line, then the message
+    what = "nothing was written" if script == "eval.py" else "stopped before the result"
+    assert len(after_progress) == 2 and after_progress[1] == f"interrupted ({how.name}); {what}", err
+    assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors"]  # no eval.json, no .tmp
+
+
+def signal_during_step(monkeypatch, at_step, signum, times):
+    """Make this process receive `signum` `times` times while train_step runs step `at_step`."""
+    real, sent = train_sae.train_step, []
+
+    def step(t, x, s, *args, **kwargs):
+        if s == at_step and not sent:
+            sent.append(s)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return real(t, x, s, *args, **kwargs)
+    monkeypatch.setattr(train_sae, "train_step", step)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how, capsys):
+    """The run that is killed is a real process; the others run in this one."""
+    extra = ["--layer", "0,2", "--checkpoint_every", "256"]
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=200))
+    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=200), signal_after_checkpoint=how)
+    assert code == (-9 if how == signal.SIGKILL else 128 + signal.SIGTERM), err
+    assert not os.path.exists(tmp_path / "cut" / "blocks.0.hook_resid_pre")  # it really was cut short
+    with pytest.raises(ValueError, match="holds an unfinished run: continue it with --resume"):
+        train_sae.main(tiny_args(tiny, tmp_path / "cut", *extra, steps=200))
+    capsys.readouterr()
+    train_sae.main(["--resume", str(tmp_path / "cut")])
+    assert "resumed" in capsys.readouterr().err
+    for layer in (0, 2):
+        whole = sae_weights(tmp_path / "whole" / f"blocks.{layer}.hook_resid_pre")
+        cut = sae_weights(tmp_path / "cut" / f"blocks.{layer}.hook_resid_pre")
+        assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
+    logged = [(r["step"], r["layer"]) for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl"))]
+    assert logged == [(s, layer) for s in range(4, 201, 4) for layer in (0, 2)]  # none twice, none lost
+    assert not [n for n in os.listdir(tmp_path / "cut") if n.startswith(("ckpt-", "checkpoint"))]  # spent
+
+
+def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path):
+    """The threshold and AuxK's dead-feature counters are checkpointed too (AuxK is on: an
+    8-batch dead window at k 2 leaves features dead)."""
+    extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", "batchtopk", "--k", "2"]
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=120))
+    assert any(json.loads(line)["auxk"] > 0 for line in open(tmp_path / "whole" / "log.jsonl"))
+    code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=120), signal_after_checkpoint=signal.SIGKILL)
+    assert code == -9 and not os.path.exists(tmp_path / "cut" / "blocks.1.hook_resid_pre"), err
+    train_sae.main(["--resume", str(tmp_path / "cut")])
+    whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "cut"))
+    assert set(whole) == set(cut) and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_and_resumes_mid_buffer(tiny, tmp_path, monkeypatch, capsys, signum):
+    """The first signal stops the run after the step it arrives in, not at the end of the
+    half-buffer (minutes on CPU): the checkpoint keeps the served rows not yet trained on, and
+    --resume gives the weights of a run never stopped."""
+    extra = ["--layer", "0,2", "--buffer", "2048", "--checkpoint_every", "10000000"]  # 16 steps per half-buffer
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=40))
+    signal_during_step(monkeypatch, 6, signum, times=1)
+    with pytest.raises(SystemExit) as stopped:
+        train_sae.main(tiny_args(tiny, tmp_path / "cut", *extra, steps=40))
+    assert stopped.value.code == 128 + signum
+    err = capsys.readouterr().err
+    assert "stopping after this step, with a checkpoint" in err and f"stopped by signal {signum} at step 7" in err
+    assert json.load(open(tmp_path / "cut" / "checkpoint.json"))["step"] == 7
+    checkpoint = load_file(str(tmp_path / "cut" / "ckpt-000000007-rank0.safetensors"))
+    assert checkpoint["served"].shape == (9 * 64, 2, 64)  # 16 batches served, 7 trained on
+    monkeypatch.undo()
+    train_sae.main(["--resume", str(tmp_path / "cut")])
+    for layer in (0, 2):
+        whole = sae_weights(tmp_path / "whole" / f"blocks.{layer}.hook_resid_pre")
+        cut = sae_weights(tmp_path / "cut" / f"blocks.{layer}.hook_resid_pre")
+        assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
+
+
+@pytest.mark.parametrize("at_step, note", [(20, "the checkpoint of step 16 is kept: continue with --resume"),
+                                           (3, "no checkpoint was written yet: start again")])
+def test_a_second_signal_quits_at_once_with_one_line(tiny, tmp_path, monkeypatch, capsys, at_step, note):
+    extra = ["--layer", "1", "--buffer", "2048", "--checkpoint_every", "1024"]  # routine checkpoints at refills
+    signal_during_step(monkeypatch, at_step, signal.SIGINT, times=2)
+    with pytest.raises(SystemExit) as stopped:
+        train_sae.main(tiny_args(tiny, tmp_path / "run", *extra, steps=40))
+    assert stopped.value.code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"signal 2 again: quitting without a checkpoint; {note}" + (f" {tmp_path / 'run'}" if at_step == 20 else "")
+
+
+def test_force_leaves_only_the_new_run(tiny, tmp_path, capsys):
+    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "0,2", steps=8))
+    open(tmp_path / "run" / "notes.txt", "w").write("mine")  # not the run's: kept
+    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", "--force", steps=8))
+    assert "--force: deleted the earlier run's blocks.0.hook_resid_pre, blocks.2.hook_resid_pre" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "run")) == ["blocks.1.hook_resid_pre", "log.jsonl", "notes.txt", "run.json"]
+
+
+def test_resume_from_elsewhere_with_moved_inputs(tiny, tmp_path, monkeypatch):
+    """run.json holds absolute paths, so --resume works from any directory; inputs that moved
+    are given again; other flags are refused (the run continues with its own settings)."""
+    weights, tokens = tiny
+    os.makedirs(tmp_path / "a")
+    shutil.copy(tokens, tmp_path / "a" / "tokens.bin")
+    args = tiny_args(tiny, "run", "--layer", "1", "--buffer", "2048", steps=60)
+    args[args.index("--data") + 1] = "tokens.bin"  # relative to the directory it starts in
+    monkeypatch.chdir(tmp_path / "a")
+    signal_during_step(monkeypatch, 20, signal.SIGTERM, times=1)
+    with pytest.raises(SystemExit):
+        train_sae.main(args)
+    monkeypatch.undo()  # back in the project's directory, with train_step as it is
+    assert json.load(open(tmp_path / "a" / "run" / "run.json"))["data"] == str(tmp_path / "a" / "tokens.bin")
+    resume = ["--resume", str(tmp_path / "a" / "run")]
+    with pytest.raises(ValueError, match="^--tokens with --resume: a run continues with the settings in"):
+        train_sae.main([*resume, "--tokens", "100"])
+    os.replace(tmp_path / "a" / "tokens.bin", tmp_path / "moved.bin")
+    with pytest.raises(ValueError, match=r"2 file\(s\), but the run read 1"):
+        train_sae.main([*resume, "--data", f"{tmp_path / 'moved.bin'},{tokens}"])
+    train_sae.main([*resume, "--data", str(tmp_path / "moved.bin")])
+    train_sae.main(tiny_args(tiny, tmp_path / "whole", "--layer", "1", "--buffer", "2048", steps=60))
+    whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "a/run"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_what_a_run_prints_while_it_starts(tiny, tmp_path):
+    """No silent minutes: each stage of the start says what it did, and checkpoints say so too."""
+    code, err = run_train(tiny_args(tiny, tmp_path / "run", "--layer", "1", "--checkpoint_every", "256", steps=12))
+    assert code == 0, err
+    for line in ("filling the first half of the buffer: ", "layer 1: b_dec starts at the geometric median of 256 activations",
+                 "expected time for the remaining 9 steps: ", "checkpoint: step 4, ", f"MB in {tmp_path / 'run'}"):
+        assert line in err, (line, err)
+
+
+def test_a_run_of_more_than_a_day_says_so_at_the_start(tiny, tmp_path, monkeypatch, capsys):
+    """As soon as the first half-buffer is filled (its rate bounds the run's length from below),
+    and again with the full estimate after three steps."""
+    signal_during_step(monkeypatch, 4, signal.SIGINT, times=1)
+    with pytest.raises(SystemExit):
+        train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", steps=10 ** 11))
+    err = capsys.readouterr().err
+    first = next(line for line in err.splitlines() if line.startswith("at that rate the activations alone take "))
+    assert first.endswith(f"for --tokens {64 * 10 ** 11:,}; {runs.OVER_A_DAY}")
+    assert "expected time for the remaining 99,999,999,997 steps: " in err and err.count(runs.OVER_A_DAY) == 2
+
+
+def test_expected_time_warns_past_a_day():
+    line = runs.expected_time(100_000, 2.0, 0.5)  # 250,000 s
+    assert line.startswith("expected time for the remaining 100,000 steps: 2.9 days (2 s a step, and 0.5 s a step "
+                           "filling the buffer)\nthat is more than a day: ")
+    assert runs.expected_time(100, 1.0, 0.2) == ("expected time for the remaining 100 steps: 2.0 min (1 s a step, "
+                                                      "and 0.2 s a step filling the buffer)")
+    assert [data.duration(s) for s in (59, 600, 9000, 100_000, 200_000)] == [
+        "59 s", "10.0 min", "2.5 h", "27.8 h", "2.3 days"]
+
+
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_a_diverged_run_stops_and_names_only_a_checkpoint_that_exists(tmp_path, checkpoints):
+    """Finite inputs whose squares overflow float32 make the loss infinite: the run stops with
+    one line, which offers the last checkpoint only when there is one, and that one is finite."""
+    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+    x[1500:] = 1e38  # read in the fifth refill
+    error = activation_run(tmp_path, x, "--checkpoint_every", "256" if checkpoints else "1000000")
+    assert error and ("loss is inf" in error or "loss is nan" in error or "weights are not finite" in error), error
+    if not checkpoints:
+        assert "no checkpoint was written yet" in error and not os.path.exists(tmp_path / "run" / "checkpoint.json")
+        return
+    step = json.load(open(tmp_path / "run" / "checkpoint.json"))["step"]
+    assert f"the checkpoint of step {step:,} is kept: continue with --resume" in error, error
+    checkpoint = load_file(str(tmp_path / "run" / f"ckpt-{step:09d}-rank0.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for k, v in checkpoint.items() if k != "generator")
 
 
 def start_ranks(args, world=2):
@@ -1997,212 +2219,16 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes(tiny, tmp_path, singl
     with pytest.raises(ValueError, match="no checkpoint to resume from"):  # finished: the checkpoint is spent
         train_sae.main(["--resume", str(out)])
 
-# -----------------------------------------------------------------------------
-# Issue 11: gpt2.py and eval.py messages
-
-
-def test_help_shows_each_default_once(tmp_path):
-    for script in ("gpt2.py", "eval.py", "bench.py"):
-        r = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
-        text = " ".join(r.stdout.split())  # one line: argparse wraps the help at the terminal's width
-        assert r.returncode == 0 and "(default:" in text, (script, r.stderr)
-        assert "(default: None)" not in text and "(default: )" not in text, script
-        assert not re.search(r"\(default:[^()]*\) \(default:", text), script
-    # bench.py names its sections and shows which run by default
-    assert "of gpt2, step, train, precision, ranks, realacts" in text and "(default: gpt2,step,train,precision,ranks)" in text
-
-
-def test_loading_gpt2_says_what_it_loaded(small, capsys):
-    hf, path, _ = small
-    gpt2.from_pretrained(path)
-    n = sum(p.numel() for p in hf.parameters())  # transformers' count; its unembedding is tied too
-    assert capsys.readouterr().err == (f"GPT-2 weights: {path} ({os.path.getsize(path) / 1e6:,.0f} MB, "
-                                       f"{n / 1e6:.1f}M parameters, 3 layers, d 64)\n")
-
-
-def test_tokenizer_offline_gets_one_line(tmp_path):
-    """No network and no cached vocabulary: one line that says where tiktoken looks, and for what."""
-    (tmp_path / "a.txt").write_text("Some text.\n")
-    (tmp_path / "empty").mkdir()
-    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
-    env.update({"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
-                **{k: "http://127.0.0.1:9" for k in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}})
-    for args in (["gpt2.py", "--data", str(tmp_path / "a.txt")], ["eval.py", str(tmp_path), "--dashboard"]):
-        r = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
-        err = r.stderr.strip()
-        assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-        assert err.startswith("error: cannot load GPT-2's tokenizer") and f"TIKTOKEN_CACHE_DIR (now {tmp_path / 'empty'})" in err
-        assert "vocab.bpe and encoder.json, named 6d1cbeee0f20b3d9449abfede4726ed8212e3aee and " \
-               "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6" in err and "with network, tiktoken fetches it" in err
-
-
-def read_stderr_until(proc, text, timeout=60):
-    """What proc has written to stderr once `text` appears in it (progress lines end in \\r, not \\n)."""
-    got, deadline = "", time.time() + timeout
-    while text not in got:
-        assert proc.poll() is None and time.time() < deadline, got
-        if select.select([proc.stderr], [], [], 0.5)[0]:
-            got += os.read(proc.stderr.fileno(), 1 << 16).decode()
-    return got
-
-
-@pytest.mark.parametrize("script, how", [("eval.py", signal.SIGINT), ("eval.py", signal.SIGTERM), ("gpt2.py", signal.SIGINT)],
-                         ids=["eval-SIGINT", "eval-SIGTERM", "gpt2-SIGINT"])
-def test_interrupt_ends_with_one_line(tiny, tmp_path, script, how):
-    tokens = str(tmp_path / "tokens.bin")
-    gpt2.write_shard(tokens, np.random.default_rng(0).integers(0, 50257, 10_000_000).astype(np.uint16))  # 100k held out
-    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", random_sae_weights(64, 96, seed=3), 2, center=True)
-    args = [str(folder)] if script == "eval.py" else []
-    proc = subprocess.Popen([sys.executable, script, *args, "--weights", tiny[0], "--data", tokens, "--ctx", "16",
-                             "--tokens", "100000"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = read_stderr_until(proc, "eval pass 1 of 2" if script == "eval.py" else "scoring held-out tokens")
-    proc.send_signal(how)
-    err += proc.communicate(timeout=60)[1].decode()
-    assert proc.returncode == 128 + how and "Traceback" not in err, err
-    after_progress = err.rsplit("\r", 1)[1].strip().splitlines()  # the last progress line, then the message
-    what = "nothing was written" if script == "eval.py" else "stopped before the result"
-    assert len(after_progress) == 2 and after_progress[1] == f"interrupted ({how.name}); {what}", err
-    assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors"]  # no eval.json, no .tmp
-
-
-def test_gpt2_and_eval_say_when_the_held_out_split_is_smaller(tiny, tmp_path, capsys):
-    """tiny's held-out split: 40 contexts of 16 tokens."""
-    folder = write_sae_folder(tmp_path / "blocks.1.hook_resid_pre", random_sae_weights(64, 16, seed=1), 1, center=True)
-    short = "the held-out split has only 640 tokens (in contexts of 16); evaluated on 640 of the 1,000,000 asked"
-    evaluation.main(eval_args(tiny, folder, tokens=10 ** 6))
-    err = capsys.readouterr().err
-    assert f"SAE {folder}: layer 1, relu, d_sae 16, centred input\n" in err and short in err
-    result = json.load(open(folder / "eval.json"))
-    assert result["tokens"] == 640 and result["settings"]["tokens_requested"] == 10 ** 6
-    evaluation.main(eval_args(tiny, folder, tokens=64))
-    assert "held-out split has only" not in capsys.readouterr().err
-    assert json.load(open(folder / "eval.json"))["settings"]["tokens_requested"] == 64
-    gpt2.main(["--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--tokens", "1000000"])
-    assert short in capsys.readouterr().err
-    gpt2.main(["--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--tokens", "64"])
-    assert "held-out split has only" not in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("case", ["truncated-weights", "broken-cfg", "feature-out-of-range"])
-def test_eval_bad_sae_folder_gets_one_line_before_any_work(tiny, tmp_path, case, monkeypatch):
-    folder = write_sae_folder(tmp_path / "blocks.2.hook_resid_pre", random_sae_weights(64, 96, seed=3), 2, center=True)
-    weights_file, cfg_file = folder / "sae_weights.safetensors", folder / "cfg.json"
-    extra = []
-    if case == "truncated-weights":
-        weights_file.write_bytes(weights_file.read_bytes()[:5000])
-        message = f"error: {weights_file}: not a complete safetensors file ("
-    elif case == "broken-cfg":
-        cfg_file.write_text(cfg_file.read_text()[:-10])
-        message = f"error: {cfg_file}: not valid JSON ("
-    else:
-        extra = ["--dashboard", "--features", "3,99999"]
-        message = f"error: --features 99999: expected 0..95 (d_sae of {folder})"
-    # In this process (the command line's printing of such errors is tested with BAD_INPUT); before
-    # any work: GPT-2 is never loaded.
-    monkeypatch.setattr(gpt2, "from_pretrained", lambda *a: pytest.fail("GPT-2 loaded before the check"))
-    with pytest.raises((ValueError, OSError)) as e:
-        evaluation.main(eval_args(tiny, folder) + extra)
-    assert ("error: " + str(e.value)).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 # -----------------------------------------------------------------------------
-# The TopK step's Triton kernels, under the interpreter
+# .ci/run
 
-def bags(sizes):
-    """Entries sorted by bag, `sizes` of them in each: (each entry's bag, where each bag starts)."""
-    bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-    return bag, kernels.bag_offsets(bag, len(sizes))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("sizes, d", [([3, 0, 17, 1, 0], 13), ([0, 40, 2], 130), ([0, 0], 5)],
-                         ids=["empty-bags", "long-bag-two-column-blocks", "no-entries"])
-def test_bag_sum_kernel(dtype, sizes, d):
-    g = torch.Generator().manual_seed(len(sizes) * d)
-    bag, starts = bags(sizes)
-    index = torch.randint(23, (len(bag),), generator=g)
-    weights = torch.randn(len(bag), generator=g)
-    table = torch.randn(23, d + 3, generator=g).to(dtype)[:, :d]  # a row stride that is not d
-    out = torch.full((len(sizes), d), float("nan"))  # poisoned: every element must be written
-    got = kernels.bag_sum(index, weights, starts, table, out=out)
-    ref = torch.zeros(len(sizes), d, dtype=torch.float64).index_add_(0, bag, weights.double()[:, None] * table.double()[index])
-    assert got is out and not got.isnan().any() and close(got, ref, 1e-6)  # fp32 sums of the same operands
-    assert close(kernels.bag_sum_torch(index, weights, starts, table.float()), ref, 1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("N, d", [(37, 13), (5, 130), (0, 8)])
-def test_gathered_dot_kernel(dtype, N, d):
-    g = torch.Generator().manual_seed(N + d)
-    a = torch.randn(11, d + 2, generator=g).to(dtype)[:, :d]
-    b = torch.randn(19, d, generator=g).to(dtype)
-    ia, ib = torch.randint(11, (N,), generator=g), torch.randint(19, (N,), generator=g)
-    out = torch.full((N,), float("nan"))
-    got = kernels.gathered_dot(ia, a, ib, b, out=out)
-    ref = (a.double()[ia] * b.double()[ib]).sum(1)
-    assert got is out and not got.isnan().any() and close(got, ref, 1e-6)
-    assert close(kernels.gathered_dot_torch(ia, a, ib, b, chunk=4), ref, 1e-6)
-
-
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
-                         ids=["no-dead", "dead", "k_aux-capped"])
-def test_topk_step_triton_matches_dense_float64(arch, dead, k_aux):
-    """topk_loss with impl "triton" against the dense float64 formulation (value and every
-    gradient), and against impl "torch" (x_hat, what fires)."""
-    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
-    is_dead = torch.zeros(40, dtype=torch.bool)
-    is_dead[dead or []] = True
-    runs = {}
-    for impl in ("torch", "triton"):
-        sae = random_sae()
-        loss, parts, fires, x_hat, _ = train_sae.topk_loss(sae, x, arch, 4, is_dead, k_aux, 0.25, impl=impl)
-        loss.backward()
-        runs[impl] = sae, loss, parts, fires, x_hat
-    sae, loss, parts, fires, x_hat = runs["triton"]
-    P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
-    ref, keep = reference_topk_loss(P, x, arch, 4, dead, k_aux, 0.25)
-    ref.backward()
-    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item() and (parts["auxk"].item() == 0) == (dead is None)
-    for name, param in sae.named_parameters():
-        err = (param.grad.double() - P[name].grad).norm() / P[name].grad.norm()
-        assert err < 1e-5, (name, err.item())
-    assert torch.equal(fires, keep.sum(0)) and torch.equal(fires, runs["torch"][3])
-    assert close(x_hat, runs["torch"][4].double(), 1e-6)
-
-
-def test_topk_training_steps_triton_equal_torch():
-    """train_step hands --kernels to the TopK step: three steps, the third with AuxK."""
-    args = train_sae.parse_args(["--arch", "topk", "--k", "4", "--k_aux", "8", "--d_sae", "40", "--lr", "1e-3",
-                                   "--lr_warmup", "1", "--dead_tokens", str(2 * 4096)])
-    runs = steps_with_each_kernels(args, random_sae, n_dead=10, batch=32, steps=3)
-    assert runs["triton"][1]["auxk"] > 0
-    assert_same_training(runs, ("mse", "auxk", "l0"))
-
-
-def test_sparse_self_check(monkeypatch):
-    """What --kernels auto runs on CUDA before trusting the TopK kernels: here, under the interpreter."""
-    assert kernels.check_sparse("cpu") is None
-    monkeypatch.setattr(kernels, "bag_sum", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
-    assert kernels.check_sparse("cpu") == "RuntimeError: PTX too new"
-    monkeypatch.undo()
-    real = kernels.gathered_dot
-    monkeypatch.setattr(kernels, "gathered_dot", lambda *a, **k: real(*a, **k) * 1.1)
-    assert kernels.check_sparse("cpu") == "its results differ from the torch reference"
-
-
-def test_topk_kernels_resolved(monkeypatch, capsys):
-    """--kernels for topk and batchtopk: auto is the Triton kernels on CUDA once they pass their
-    check, else torch with a warning; triton on CPU only under the interpreter."""
-    def resolved(flag, device, problem=None):
-        monkeypatch.setattr(kernels, "check_sparse", lambda device: problem)
-        args = train_sae.parse_args(["--arch", "batchtopk", "--kernels", flag, "--device", device])
-        train_sae.resolve_kernels(args)
-        return args.kernels
-    assert resolved("auto", "cuda") == "triton" and resolved("auto", "cpu") == "torch"
-    assert resolved("auto", "cuda", "RuntimeError: PTX too new") == "torch"
-    assert ("WARNING: the sparse TopK Triton kernels failed their check on cuda (RuntimeError: PTX too new)"
-            in capsys.readouterr().err)
-    assert resolved("triton", "cpu") == "triton"
-    monkeypatch.setattr(kernels, "INTERPRET", False)
-    with pytest.raises(ValueError, match="--kernels triton on CPU: expected a CUDA device"):
-        resolved("triton", "cpu")
+def test_ci_fails_loudly_without_the_offline_vocabulary(tmp_path):
+    """.ci/run, copied where no ../shared/tiktoken_cache exists, stops at once with one line
+    (before making a virtual environment), instead of running the tests with an empty path."""
+    os.makedirs(tmp_path / "clone" / ".ci")
+    shutil.copy(os.path.join(HERE, ".ci", "run"), tmp_path / "clone" / ".ci" / "run")
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
+    r = subprocess.run(["bash", str(tmp_path / "clone" / ".ci" / "run")], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ../shared/tiktoken_cache is missing"), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and os.listdir(tmp_path / "clone") == [".ci"]
