@@ -303,7 +303,7 @@ def test_initial_reconstruction_is_as_long_as_the_input(norm):
 
 def test_first_logged_explained_variance_is_not_negative(tmp_path):
     """GPT-2-shaped data (m = 32 d, residual norms in the hundreds): the very first step's
-    explained variance, which the issue saw near -200 before the data-scaled init."""
+    explained variance, which was near -200 before the data-scaled init."""
     g = torch.Generator().manual_seed(0)
     x = 300 * (torch.randn(4096, 48, generator=g) + torch.randn(48, generator=g))
     np.save(tmp_path / "acts.npy", x.numpy())
@@ -384,7 +384,7 @@ def test_dead_features_revive_within_a_short_run(mechanism):
     assert train_sae.dead_after(args) == 30
     t = train_sae.Trainee(9, sae, torch.optim.Adam(sae.parameters(), lr=1e-3), "cpu")
     for step in range(steps):
-        if mechanism == "resample" and step % 64 == 0:  # what run_steps does at each refill
+        if mechanism == "resample" and step % 64 == 0:  # what train() does at each refill
             train_sae.resample_dead(t, samples[:4096], args, step)
         x = samples[torch.randint(len(samples), (batch,), generator=g)]
         train_sae.train_step(t, x, step, args, lambda: torch.autocast("cpu", enabled=False), False)
@@ -700,15 +700,19 @@ def test_fused_step_in_fp16():
     assert max(errors.values()) < 1e-2, errors
 
 
-def test_fused_self_check(monkeypatch):
-    """What --kernels auto runs on CUDA before trusting the kernels: here, under the interpreter."""
-    assert kernels.check_fused("cpu") is None
-    monkeypatch.setattr(kernels, "encode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
-    assert kernels.check_fused("cpu") == "RuntimeError: PTX too new"
+@pytest.mark.parametrize("check, first, second", [("check_fused", "encode", "pre_grad"),
+                                                  ("check_sparse", "bag_sum", "gathered_dot")], ids=["fused", "sparse"])
+def test_self_check(monkeypatch, check, first, second):
+    """What --kernels auto runs on CUDA before trusting the kernels (relu's fused ones, or the TopK
+    step's sparse ones), here under the interpreter: a kernel that raises, and one 10% off."""
+    check = getattr(kernels, check)
+    assert check("cpu") is None
+    monkeypatch.setattr(kernels, first, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
+    assert check("cpu") == "RuntimeError: PTX too new"
     monkeypatch.undo()
-    real = kernels.pre_grad
-    monkeypatch.setattr(kernels, "pre_grad", lambda *a, **k: real(*a, **k) * 1.1)
-    assert kernels.check_fused("cpu") == "its results differ from the torch reference"
+    real = getattr(kernels, second)
+    monkeypatch.setattr(kernels, second, lambda *a, **k: real(*a, **k) * 1.1)
+    assert check("cpu") == "its results differ from the torch reference"
 
 
 # The TopK step's kernels.
@@ -817,17 +821,6 @@ def test_topk_training_steps_triton_equal_torch():
     runs = steps_with_each_kernels(args, random_sae, n_dead=10, batch=32, steps=3)
     assert runs["triton"][1]["auxk"] > 0
     assert_same_training(runs, ("mse", "auxk", "l0"))
-
-
-def test_sparse_self_check(monkeypatch):
-    """What --kernels auto runs on CUDA before trusting the TopK kernels: here, under the interpreter."""
-    assert kernels.check_sparse("cpu") is None
-    monkeypatch.setattr(kernels, "bag_sum", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
-    assert kernels.check_sparse("cpu") == "RuntimeError: PTX too new"
-    monkeypatch.undo()
-    real = kernels.gathered_dot
-    monkeypatch.setattr(kernels, "gathered_dot", lambda *a, **k: real(*a, **k) * 1.1)
-    assert kernels.check_sparse("cpu") == "its results differ from the torch reference"
 
 
 def test_topk_kernels_chosen(monkeypatch, capsys):

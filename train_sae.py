@@ -18,12 +18,10 @@ pre-activations of each token (TopK, Gao et al.) or the B k largest of each batc
 Bussmann et al.) are kept, the loss is the reconstruction error alone, and AuxK, in place of
 ghost gradients, trains the dead features to reconstruct what the live ones miss.
 
-Read in this order:
-    this file     the flags; the SAE; its losses; init and the decoder constraint; train_step;
-                  the loop, train(); main and its setup
-    kernels.py    the step's forward and backward: a plain-torch reference, and Triton kernels
-    gpt2.py       where the activations come from; eval.py, how an SAE is judged
-    data.py, runs.py   the plumbing: tokens and files; torchrun, checkpoints, signals, the log
+Read in this order: this file (the flags, the SAE, its losses, init and the decoder constraint,
+train_step, the loop, main); kernels.py (the step's GEMMs, in torch and fused in Triton); gpt2.py
+(where the activations come from); eval.py and dashboard.py (how an SAE is judged); then the
+plumbing: data.py (tokens, downloads, files) and runs.py (command lines, torchrun, checkpoints).
 
 Each SAE is written in SAELens's on-disk format to RUN/blocks.L.hook_resid_pre/. The run
 folder also holds the JSONL log and, while the run is unfinished, a checkpoint.
@@ -454,36 +452,29 @@ def train(args):
     autocast = make_autocast(args)
     source = make_source(args, layers, owned, autocast)
     gen = torch.Generator(args.device).manual_seed(args.seed)
-    half, total = args.buffer // 2, args.tokens // args.batch
-    kept = None if args.resume else runs.first_half(source, args)       # [half, owned layers, d]
+    kept = None if args.resume else runs.first_half(source, args)       # [buffer / 2, owned layers, d]
     trainees = [new_trainee(layer, None if kept is None else kept[:, j], source.d, args) for j, layer in enumerate(owned)]
     step, served = 0, None  # served: the rows of the current half not yet trained on
     if args.resume:
         kept, served, step = runs.load_checkpoint(args.out, trainees, gen, source, args)
     elif runs.RANK == 0:  # only now: a run stopped while starting leaves no folder behind
         runs.start_run_folder(args)
-    log, last_checkpoint = runs.Log(args, total, step), step
+    total, last_checkpoint = args.tokens // args.batch, step
+    log = runs.Log(args, total, step)
     with runs.stop_on_signal(args.out) as stop:
         while step < total:
-            if served is None or len(served) < args.batch:
-                # Routine checkpoints happen here, between refills, where the state is smallest:
-                # the kept half of the buffer and nothing served.
-                if step - last_checkpoint >= max(1, args.checkpoint_every // args.batch):
+            if served is None or len(served) < args.batch:  # the half is served: checkpoint, refill
+                if step - last_checkpoint >= max(1, args.checkpoint_every // args.batch):  # the smallest state
                     runs.save_checkpoint(args.out, trainees, kept, kept[:0], gen, source, step, args)
                     last_checkpoint = step
-                # The seed's mixing buffer: the kept half and a fresh half, shuffled together; one
-                # half is served as batches, the other kept for the next round.
                 tick = time.time()
-                mixed = torch.cat([kept, source.next(half)])                       # [2 half, layers, d]
-                mixed = mixed[torch.randperm(len(mixed), generator=gen, device=args.device)]
-                kept, served = mixed[:half], mixed[half:][:half // args.batch * args.batch]
+                kept, served = refill(kept, source, gen, args)
                 log.refilled(tick)
                 if args.resample:
                     for j, t in enumerate(trainees):
                         resample_dead(t, served[:16384, j] * t.scale, args, step)
-            x, served = served[:args.batch], served[args.batch:]                     # [batch, layers, d]
-            if shared:
-                x = runs.my_share(x)                                                # this rank's slice
+            x, served = served[:args.batch], served[args.batch:]               # [batch, layers, d]
+            x = runs.my_share(x) if shared else x                               # this rank's slice
             logging = (step + 1) % args.log_every == 0 or step + 1 == total
             tick = time.time()
             records = [train_step(t, x[:, j], step, args, autocast, logging, shared) for j, t in enumerate(trainees)]
@@ -491,26 +482,37 @@ def train(args):
             log.stepped(tick, step)
             if logging:
                 log.write(trainees, records, step)
-            if runs.any_rank(stop, args.device) and step < total:  # a signal: stop now, keeping what is unserved
+            if runs.any_rank(stop, args.device) and step < total:  # a signal: stop, keeping what is unserved
                 runs.save_checkpoint(args.out, trainees, kept, served, gen, source, step, args)
                 runs.exit_stopped(stop, step, args.out)
         log.close()
-        runs.check_finite(trainees, step, args.device, args.out)
-        if args.parallel == "layers" or runs.RANK == 0:
-            for t in trainees:
-                density = t.density if step >= args.density_window else t.fires / (step * args.batch)
-                save_sae(os.path.join(args.out, data.hook_name(t.layer)), t.sae, density, t.layer, args,
-                              t.scale.item())
-        runs.finish(args, layers)
+        save_saes(trainees, step, layers, args)
     return trainees
 
+
+def refill(kept, source, gen, args):
+    """The seed's mixing buffer: the kept half and a fresh one, shuffled; returns (kept, served)."""
+    half = len(kept)
+    mixed = torch.cat([kept, source.next(half)])                             # [2 half, layers, d]
+    mixed = mixed[torch.randperm(2 * half, generator=gen, device=args.device)]
+    return mixed[:half], mixed[half:][:half // args.batch * args.batch]
+
+
+def save_saes(trainees, step, layers, args):
+    runs.check_finite(trainees, step, args.device, args.out)
+    if args.parallel == "layers" or runs.RANK == 0:  # in data-parallel training the copies are identical
+        for t in trainees:  # density: over the last full window, or the run so far if shorter
+            density = t.density if step >= args.density_window else t.fires / (step * args.batch)
+            save_sae(os.path.join(args.out, data.hook_name(t.layer)), t.sae, density, t.layer, args, t.scale.item())
+    runs.finish(args, layers)
+
+
 def save_sae(folder, sae, density, layer, args, scale=1.0):
-    """SAELens's on-disk format: sae_lens.SAE.load_from_disk(folder) loads it as it is. The SAE
-    was trained on x * scale; the saved one takes x itself. Dividing both biases by the scale
-    divides pre, f and x_hat by it too (ReLU, TopK and, with its threshold divided, JumpReLU are
-    homogeneous), and the decoder rows keep their norms, so f comes out in the input's units.
-    A TopK SAE is saved as architecture "topk" with its k; a BatchTopK SAE as "jumprelu" with
-    its threshold [m], as SAELens saves its own."""
+    """SAELens's on-disk format, which sae_lens.SAE.load_from_disk reads as it is (eval.load_sae is
+    our reader). The SAE trained on x * scale; the saved one takes x: both biases divided by the
+    scale divide pre, f and x_hat by it too (ReLU, TopK and, with its threshold divided, JumpReLU
+    are homogeneous). TopK is saved as "topk" with its k; BatchTopK as "jumprelu" with its
+    threshold [m], as SAELens saves its own."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -547,9 +549,8 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
 # main, and the setup it does before the loop.
 
 def new_trainee(layer, x, d, args):
-    """A fresh SAE for `layer`, started on x [half, d], its first half-buffer (None on resume,
-    where the checkpoint has the weights). Seeded by layer, so that an SAE does not depend on
-    which other layers train beside it."""
+    """A fresh SAE for `layer`, started on x [half, d] (None on resume: the checkpoint has it).
+    Seeded by layer, so that an SAE does not depend on which other layers train beside it."""
     sae = SAE(d, args.d_sae, args.seed * 1000 + layer, args.arch, args.k).to(args.device)
     scale = 1.0
     if x is not None:
@@ -621,8 +622,7 @@ def make_source(args, layers, keep, autocast):
 
 
 def save_activations(args):
-    """--save_activations: --tokens raw residuals of one layer ([N, d] float32 .npy, uncentred),
-    to train on later with --activations, and beside them a .json saying what they are."""
+    """--save_activations: --tokens raw (uncentred) residuals of one layer, for --activations."""
     layers = check_args(args)
     if runs.WORLD > 1:
         raise ValueError("--save_activations: run it in one process, not under torchrun")
