@@ -279,16 +279,17 @@ class ResidualSource:
     def load_state_dict(self, state):
         self.stream.load_state_dict(state)
 
+
 def write_activations(path, source, n, chunk, about):
     """--save_activations: n rows of source (a ResidualSource of one layer) to the .npy `path`,
     chunk rows at a time, and `about` to the .json beside it, which data.read_about reads. Both
     appear once complete; an interruption deletes the partial file."""
-    tmp, t0 = path + ".tmp.npy", time.time()
+    tmp, t0, label = path + ".tmp.npy", time.time(), f"residuals of {about['hook_name']}"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, source.d))  # [N, d] on disk
     try:
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            show = lambda rows: data.progress(f"residuals of {about['hook_name']}", min(a + rows, n), n, t0, unit="tokens")
+            show = lambda rows: data.progress(label, min(a + rows, n), n, t0, unit="tokens")
             out[a:b] = source.next(chunk, show)[:b - a, 0].cpu().numpy()
             show(b - a)
         print(file=sys.stderr)
@@ -300,7 +301,8 @@ def write_activations(path, source, n, chunk, about):
         del out  # closes the memory map
     os.replace(tmp, path)
     data.write_atomically(data.about_path(path), json.dumps(about, indent=2))
-    print(f"wrote {n:,} x {source.d} activations of {about['hook_name']} to {path} in {data.duration(time.time() - t0)}, "
+    print(f"wrote {n:,} x {source.d} activations of {about['hook_name']} to {path} in "
+          f"{data.duration(time.time() - t0)}, "
           f"described in {data.about_path(path)}")
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_input_flags(p):  # where the tokens, weights and downloads are; where and on what GPT-2 runs
     p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
     p.add_argument("--weights", default=None, help="local GPT-2 model.safetensors (default: download OpenAI's)")
-    p.add_argument("--cache_dir", default=None, help=f"downloads and tokenized text go here (default: {data.default_cache_dir()})")
+    p.add_argument("--cache_dir", default=None, help=f"downloads and tokenized text (default: {data.default_cache_dir()})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
 

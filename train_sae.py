@@ -47,13 +47,13 @@ import runs
 # -----------------------------------------------------------------------------
 # Every setting, with its default: Bloom's recipe, except where a comment says otherwise.
 
-p = argparse.ArgumentParser(description="Train SAEs on GPT-2 small's residual stream.", formatter_class=runs.HelpFormatter)
+p = argparse.ArgumentParser(description="Train SAEs on GPT-2's residual stream.", formatter_class=runs.HelpFormatter)
 p.add_argument("--layer", default=None, help="'9', '3,7,9' or 'all': one SAE per blocks.L.hook_resid_pre "
                                              "(default: 9, or the layer an --activations file's .json names)")
 p.add_argument("--d_sae", type=int, default=24576, help="features per SAE")
 p.add_argument("--tokens", type=int, default=300_000_000, help="training tokens (activations) per SAE")
 p.add_argument("--batch", type=int, default=4096, help="activations per optimizer step")
-p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: relu 4e-4, topk and batchtopk 2e-3)")
+p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: relu 4e-4; topk, batchtopk 2e-3)")
 p.add_argument("--lr_warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
 p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
