@@ -290,6 +290,7 @@ def metrics(s):
     }
 
 # -----------------------------------------------------------------------------
+# main: every check first, then the two passes, then every file at once.
 
 COLUMNS = [("sae", "SAE", "{}"), ("layer", "layer", "{}"), ("explained_variance", "var. expl.", "{:.2%}"), ("l1", "L1", "{:.2f}"),
            ("l0", "L0", "{:.2f}"), ("alive_pct", "% alive", "{:.1f}%"), ("ce_sae", "recon. CE", "{:.3f}"),
