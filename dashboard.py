@@ -196,7 +196,7 @@ def write_folder(path, files):
 
 def write_dashboards(saes, model=None, enc=None):
     """Each SAE's dashboard, written to FOLDER/dashboard.tmp/ (all or none of them: an
-    interruption removes what was written); returns the dashboard/ paths, for data.replace."""
+    interruption removes what was written); returns the dashboard/ paths, for data.replace_folder."""
     paths = [os.path.join(s["folder"], "dashboard") for s in saes]
     try:
         for s, path in zip(saes, paths):

@@ -150,11 +150,9 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def replace(tmp, path):
-    """Put tmp, a complete file or folder, in place of path: a file atomically; a folder by two
-    renames, the old one moved aside first and deleted last, so that one whole copy always exists."""
-    if not os.path.isdir(tmp):
-        return os.replace(tmp, path)
+def replace_folder(tmp, path):
+    """Put the complete folder tmp in place of path by two renames, the old one moved aside first
+    and deleted last, so that one whole copy always exists."""
     shutil.rmtree(path + ".old", ignore_errors=True)  # left by a crash in an earlier call
     if os.path.exists(path):
         os.replace(path, path + ".old")

@@ -356,11 +356,11 @@ def main(argv=None):
         rows.append([s["name"]] + [fmt.format(result[key]) if key in result else "—" for key, _, fmt in COLUMNS[1:]])
     if args.dashboard:  # each to dashboard.tmp/ now, put in place of dashboard/ with the other files below
         files += [(path, None) for path in dashboard.write_dashboards(saes, model, enc)]
-    for path, text in files:
-        if text is not None:
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(text)
-        data.replace(path + ".tmp", path)  # an interrupted run leaves the old file or folder whole
+    for path, text in files:  # an interrupted run leaves each old file or folder whole
+        if text is None:  # a dashboard, written already to path.tmp/
+            data.replace_folder(path + ".tmp", path)
+        else:
+            data.write_atomically(path, text)
         written.append(path)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (_, h, _) in enumerate(COLUMNS)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, widths)))

@@ -48,8 +48,8 @@ def check_inputs(args, *positive):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     if not 2 <= args.ctx <= 1024:
         raise ValueError(f"--ctx {args.ctx}: expected 2..1024 (BOS and at least one token; GPT-2's longest context)")
-    kind, _, index = args.device.partition(":")
-    if kind not in ("cpu", "cuda") or not (index.isdigit() or ":" not in args.device):
+    kind, colon, index = args.device.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and not index.isdigit()):
         raise ValueError(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")

@@ -543,7 +543,7 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
     }
     with open(os.path.join(tmp, "cfg.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    data.replace(tmp, folder)
+    data.replace_folder(tmp, folder)
 
 # -----------------------------------------------------------------------------
 # main, and the setup it does before the loop.
@@ -586,11 +586,6 @@ def check_args(args):
     layers = gpt2.parse_layers(args.layer)
     if (args.activations or args.save_activations) and len(layers) != 1:
         raise ValueError(f"--layer {args.layer}: expected one layer with --activations or --save_activations")
-    if args.save_activations and not args.save_activations.endswith(".npy"):
-        raise ValueError(f"--save_activations {args.save_activations}: expected a .npy path")
-    for target in (args.save_activations, data.about_path(args.save_activations)) if args.save_activations else ():
-        if os.path.exists(target) and not args.force:
-            raise ValueError(f"{target} exists: pass --force to overwrite it")
     return layers
 
 
@@ -624,6 +619,11 @@ def make_source(args, layers, keep, autocast):
 def save_activations(args):
     """--save_activations: --tokens raw (uncentred) residuals of one layer, for --activations."""
     layers = check_args(args)
+    if not args.save_activations.endswith(".npy"):
+        raise ValueError(f"--save_activations {args.save_activations}: expected a .npy path")
+    for target in (args.save_activations, data.about_path(args.save_activations)):
+        if os.path.exists(target) and not args.force:
+            raise ValueError(f"{target} exists: pass --force to overwrite it")
     if runs.WORLD > 1:
         raise ValueError("--save_activations: run it in one process, not under torchrun")
     args.center = False  # centring, if on, is applied when training
