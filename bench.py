@@ -164,14 +164,20 @@ def cpu_against_transformers():
           ["output", "ours tokens/s", "transformers tokens/s", "speed-up"], rows)
 
 
-def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0, kernels="torch", arch="relu"):
-    """Median time of one train_sae.train_step on fixed activations (torch.manual_seed(0))."""
+def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0.0, kernels="torch", arch="relu",
+                      dead=0, hot=0):
+    """Median time of one train_sae.train_step on fixed activations (torch.manual_seed(0)). The first
+    `dead` features never fire (AuxK trains them every step); the last `hot` fire on every token."""
     targs = train_sae.parse_args(["--batch", str(batch), "--loss", loss, "--clip_grad", str(clip), "--arch", arch,
                                     "--k", str(TOPK), "--precision", precision, "--device", device, "--kernels", kernels])
     torch.manual_seed(0)
     x = torch.randn(batch, D).to(device)
     sae = train_sae.SAE(D, M, arch=arch, k=TOPK).to(device)
+    with torch.no_grad():  # 50: past every pre-activation (x, W_dec share seed 0: feature b < batch is ~28 on token b)
+        sae.b_enc[:dead] -= 50
+        sae.b_enc[M - hot:] += 50
     t = train_sae.Trainee(9, sae, train_sae.adam(sae, 4e-4), device)
+    t.since_fired[:dead] = train_sae.dead_after(targs)
     autocast = train_sae.make_autocast(targs)
     step = iter(range(10 ** 9))
     return median_seconds(lambda: train_sae.train_step(t, x, next(step), targs, autocast, False), reps,
@@ -231,11 +237,13 @@ def cpu_step():
                 rows.append([f"SAELens TopKTrainingSAE, k {TOPK}{sparse}", f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-", "-"])
         topk_theirs = min(filter(None, topk), default=None)
     ours_relu = None
-    for name, loss, clip, arch in [("ours, --loss saelens --clip_grad 1 (the same math)", "saelens", 1.0, "relu"),
-                                   ("ours, the seed's recipe: its loss, unit-norm decoder, no clip", "seed", 0.0, "relu"),
-                                   (f"ours, --arch topk --k {TOPK}", "seed", 1.0, "topk"),
-                                   (f"ours, --arch batchtopk --k {TOPK}", "seed", 1.0, "batchtopk")]:
-        s = ours_step_seconds("cpu", batch, args.step_reps, loss, "fp32", clip, arch=arch)
+    for name, loss, clip, arch, dead in [("ours, --loss saelens --clip_grad 1 (the same math)", "saelens", 1.0, "relu", 0),
+                                         ("ours, the seed's recipe: its loss, unit-norm decoder, no clip", "seed", 0.0, "relu", 0),
+                                         (f"ours, --arch topk --k {TOPK}", "seed", 1.0, "topk", 0),
+                                         (f"ours, --arch topk --k {TOPK}, 25% of features dead (AuxK, k_aux 512)", "seed",
+                                          1.0, "topk", M // 4),
+                                         (f"ours, --arch batchtopk --k {TOPK}", "seed", 1.0, "batchtopk", 0)]:
+        s = ours_step_seconds("cpu", batch, args.step_reps, loss, "fp32", clip, arch=arch, dead=dead)
         ours_relu = s if loss == "seed" and arch == "relu" else ours_relu
         vs_topk = f"{s / topk_theirs:.2f}x, {s / ours_relu:.2f}x of our relu" if arch != "relu" and topk_theirs else "-"
         rows.append([name, f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-", vs_topk])
@@ -294,9 +302,14 @@ def cuda_step():
         rows.append(["relu", kernels, precision, f"{s * 1e3:.2f}", f"{floor_flop / s / 1e12:.0f}",
                      f"{100 * floor_flop / s / peak:.0f}%"])
     # TopK: one dense GEMM, (1), and sparse work; its floor is that GEMM alone.
-    for arch, kernels in (("topk", "triton"), ("topk", "torch"), ("batchtopk", "triton")):
-        s = ours_step_seconds("cuda", batch, args.reps, precision="bf16", kernels=kernels, arch=arch)
-        rows.append([f"{arch} k {TOPK}", kernels, "bf16", f"{s * 1e3:.2f}", f"{floor_flop / 5 / s / 1e12:.0f}",
+    # Then with a quarter of the features dead (AuxK over them), and with one feature on every
+    # token (a bag of 4,096 entries by feature, which bag_sum cuts into pieces).
+    for arch, kernels, dead, hot in (("topk", "triton", 0, 0), ("topk", "torch", 0, 0), ("batchtopk", "triton", 0, 0),
+                                     ("topk", "triton", M // 4, 0), ("topk", "torch", M // 4, 0),
+                                     ("topk", "triton", 0, 1), ("batchtopk", "triton", 0, 1)):
+        s = ours_step_seconds("cuda", batch, args.reps, precision="bf16", kernels=kernels, arch=arch, dead=dead, hot=hot)
+        what = ", 25% dead (AuxK, k_aux 512)" if dead else ", 1 feature on every token" if hot else ""
+        rows.append([f"{arch} k {TOPK}{what}", kernels, "bf16", f"{s * 1e3:.2f}", f"{floor_flop / 5 / s / 1e12:.0f}",
                      f"{100 * floor_flop / 5 / s / peak:.0f}%"])
     table(f"SAE training step on {torch.cuda.get_device_name()}, batch {batch}, d {D}, m {M:,}: relu "
           f"{floor_flop / 1e9:.0f} GFLOP, floor {floor_flop / peak * 1e3:.2f} ms at the measured bf16 peak "

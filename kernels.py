@@ -28,23 +28,31 @@ that every tile pays for (they made the 128 x 128 tiles spill 600-1,100 bytes pe
 `sae_forward(..., impl="torch" | "triton")` is the entry point for both; the two compute the same
 function. The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set before triton is
 imported), which is how the tests check them; the interpreter is slow, so keep shapes tiny.
+Without Triton installed (macOS, Windows) this file still imports, and the torch path runs.
 
 A TopK SAE's step is one dense GEMM, (1), and sparse work: its torch path (dense_pre, SparsePre,
-sparse_decode) and two Triton kernels for it (bag_sum_kernel, gathered_dot_kernel) follow.
+sparse_decode) and two Triton kernels for it (bag_sum_kernel, gathered_dot_kernel) follow; then
+`choose`, which decides the path that trains (--kernels) after checking the kernels on the GPU.
 
-`python kernels.py` compiles every kernel in every tile for Ampere and Hopper, no GPU needed, and
-prints the registers, spills and shared memory each uses; `python kernels.py --check cuda` tests
-them on a GPU.
+`python kernels.py` compiles every kernel variant for GPUs from the T4 to the B200 and the MI300,
+no GPU needed, and prints the registers, spills and shared memory each takes (gpu_check.py).
 """
 
-import math
+from __future__ import annotations  # the kernels' `tl.constexpr` annotations, unevaluated without Triton
+
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:  # only the kernels need Triton: without it (macOS, Windows, a CPU-only box) the torch path runs
+    import triton
+    import triton.language as tl
+    jit = triton.jit
+except ImportError:
+    triton = None
+    jit = lambda kernel: kernel  # noqa: E731; the kernels are then plain functions that nothing launches
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -67,7 +75,7 @@ class Encode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_pre):                 # [B, m], bf16 under autocast
         x_in, W_enc = (t.to(d_pre.dtype) for t in ctx.saved_tensors)  # GEMMs in the forward's precision
-        d_sum = d_pre.float().sum(0)          # [m], summed in fp32
+        d_sum = d_pre.sum(0, dtype=torch.float32)  # [m] in fp32; on CUDA without an fp32 copy of d_pre
         # Gradients come back in d_pre's dtype; autograd casts them to the fp32 parameters'.
         return None, x_in.T @ d_pre, d_sum, -(W_enc.float() @ d_sum)
 
@@ -84,7 +92,7 @@ def sae_forward_torch(x, W_enc, b_enc, W_dec, b_dec, l1_weights, dead):
 # The kernels. Each program computes one BM x BN tile of a [B, m] result: rows are tokens,
 # columns are features, and the loop runs over d in steps of BK.
 
-@triton.jit
+@jit
 def tile_of(B, m, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
     """This program's (rows, cols). Programs are numbered along the columns of a band of GROUP
     row tiles, not along whole rows of tiles (Triton's matmul tutorial): programs that run at
@@ -95,10 +103,12 @@ def tile_of(B, m, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
     band_rows = min(row_tiles - band * GROUP, GROUP)       # the last band may be narrower
     in_band = pid % (GROUP * col_tiles)
     row_tile, col_tile = band * GROUP + in_band % band_rows, in_band // band_rows
-    return row_tile * BM + tl.arange(0, BM), col_tile * BN + tl.arange(0, BN)
+    # int64, and so every offset computed from them: row * stride_f passes 2^31 once B m does (B
+    # 16,384 x m 131,072), and a 32-bit offset would wrap to gigabytes before f.
+    return (row_tile * BM + tl.arange(0, BM)).to(tl.int64), (col_tile * BN + tl.arange(0, BN)).to(tl.int64)
 
 
-@triton.jit
+@jit
 def tile_product(a_ptr, stride_a, b_ptr, stride_bk, stride_bn, rows, cols, B, d, m,
                  FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -106,7 +116,7 @@ def tile_product(a_ptr, stride_a, b_ptr, stride_bk, stride_bn, rows, cols, B, d,
     at b_ptr + k * stride_bk + col * stride_bn (so a transpose is read in place)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, d, BK):
-        k = k0 + tl.arange(0, BK)
+        k = (k0 + tl.arange(0, BK)).to(tl.int64)  # k * stride_bk is d m for W_enc: 64-bit as well
         a = tl.load(a_ptr + rows[:, None] * stride_a + k[None, :], mask=(rows[:, None] < B) & (k[None, :] < d), other=0.0)
         b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=(k[:, None] < d) & (cols[None, :] < m), other=0.0)
@@ -119,7 +129,7 @@ def tile_product(a_ptr, stride_a, b_ptr, stride_bk, stride_bn, rows, cols, B, d,
     return acc
 
 
-@triton.jit
+@jit
 def encode_kernel(x_ptr, w_ptr, b_ptr, l1w_ptr, f_ptr, l1_ptr, fires_ptr,
                   B, d, m, stride_x, stride_w, stride_f,
                   FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -138,7 +148,7 @@ def encode_kernel(x_ptr, w_ptr, b_ptr, l1w_ptr, f_ptr, l1_ptr, fires_ptr,
     tl.atomic_add(fires_ptr + cols, tl.sum((f > 0).to(tl.int32), axis=0), mask=col_in)
 
 
-@triton.jit
+@jit
 def pre_grad_kernel(dxh_ptr, wdec_ptr, f_ptr, dl1_ptr, l1w_ptr, dpre_ptr,
                     B, d, m, stride_dxh, stride_wdec, stride_f, stride_dpre,
                     FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -157,65 +167,73 @@ def pre_grad_kernel(dxh_ptr, wdec_ptr, f_ptr, dl1_ptr, l1w_ptr, dpre_ptr,
 
 
 # The tiles the autotuner chooses from, as (BM, BN, BK, warps, stages), by the bytes of a matmul
-# operand. Each fits an A100's 163 KB of shared memory per block (an H100 has 227 KB) and keeps
-# its accumulator and epilogue in registers: at most 64 fp32 accumulator values per thread
-# (BM BN / (32 warps)). 128 x 128 on 4 warps holds 128 and spills, the dead-feature epilogue
-# that the kernels once had more so. test_kernels_compile_for_gpus checks all of it, compiling
-# every tile for sm_80 and sm_90 with the ptxas in Triton's wheel.
+# operand. Each keeps its accumulator and epilogue in registers: at most 64 fp32 accumulator
+# values per thread (BM BN / (32 warps)). fp32 has no 128 x 128 tile: its IEEE variant took all
+# 255 registers. A GPU is offered the tiles its shared memory per block holds: an A100 or H100
+# all of them; the last of each list fits 64 KB (an MI300's LDS, a T4's). `python kernels.py`
+# compiles each for every GPU we know, and the tests check them for sm_80, sm_90 and gfx942.
 TILES = {
-    2: [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)],   # bf16, fp16
-    4: [(128, 128, 32, 8, 3), (64, 128, 32, 8, 4), (128, 64, 32, 8, 4)],   # fp32 (tf32 or ieee)
+    2: [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 128, 64, 4, 2)],   # bf16, fp16
+    4: [(64, 128, 32, 8, 4), (128, 64, 32, 8, 4), (64, 64, 32, 4, 3)],                         # fp32 (tf32 or ieee)
 }
 GROUP = 8  # row tiles per band of the program order (tile_of)
 
 
-def tile_configs(element_size):
-    """On a GPU, TILES for operands of that many bytes; under the interpreter, one large tile
-    (each program's loop iteration costs milliseconds there, whatever its size)."""
-    if INTERPRET:
-        return [triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP": GROUP})]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": GROUP}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in TILES[element_size]]
+def fits(tile, size, limit):
+    """Whether a tile surely fits `limit` bytes of shared memory: `stages` buffers of its A and B
+    slices (Ampere's pipeline keeps one fewer) and 1 KB for barriers and the epilogue's sums."""
+    bm, bn, bk, _, stages = tile
+    return stages * (bm + bn) * bk * size + 1024 <= limit
 
 
-# One autotuned launcher per operand size. The atomics accumulate, so autotuning's trial runs
-# must start from zero.
-encode_tuned = {size: triton.autotune(tile_configs(size), key=["B", "d", "m"], reset_to_zero=["l1_ptr", "fires_ptr"])(
-    encode_kernel) for size in TILES}
-pre_grad_tuned = {size: triton.autotune(tile_configs(size), key=["B", "d", "m"])(pre_grad_kernel) for size in TILES}
+def shared_limit(device):
+    """Bytes of shared memory (LDS, on AMD) that one block may take on this GPU."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
 
 
-def grid(B, m):
-    return lambda meta: (triton.cdiv(B, meta["BM"]) * triton.cdiv(m, meta["BN"]),)
+def tiles_for(size, device):
+    """The tiles offered on this GPU for operands of `size` bytes; under the interpreter, one large
+    tile (a loop iteration costs milliseconds there, whatever its size)."""
+    return [(64, 64, 32, 4, 1)] if INTERPRET else [t for t in TILES[size] if fits(t, size, shared_limit(device))]
 
 
-def dot_flags(dtype, precision):
-    return dict(FP32_DOT=dtype == torch.float32, PRECISION=precision, UPCAST=INTERPRET)
+LAUNCHERS = {}  # (kernel, tiles): its autotuned launcher, made on first use
 
 
-def encode(x_in, W_enc, b_enc, l1_weights, precision="ieee", f=None):
+def launch(kernel, args, B, m, tiles, dtype, precision):
+    """kernel(*args) over a [B, m] result, autotuned on (B, d, m) over `tiles`: the first time it
+    meets a shape it times each tile (with one tile, it just runs it)."""
+    if (kernel, tiles) not in LAUNCHERS:
+        configs = [triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP=GROUP), num_warps=w, num_stages=s)
+                   for bm, bn, bk, w, s in tiles]
+        zeroed = ["l1_ptr", "fires_ptr"] if kernel is encode_kernel else None  # atomics: each trial starts at 0
+        LAUNCHERS[kernel, tiles] = triton.autotune(configs, key=["B", "d", "m"], reset_to_zero=zeroed)(kernel)
+    grid = lambda meta: (triton.cdiv(B, meta["BM"]) * triton.cdiv(m, meta["BN"]),)  # noqa: E731; a program a tile
+    LAUNCHERS[kernel, tiles][grid](*args, FP32_DOT=dtype == torch.float32, PRECISION=precision, UPCAST=INTERPRET)
+
+
+def encode(x_in, W_enc, b_enc, l1_weights, precision="ieee", f=None, tiles=None):
     """(1) and its epilogue. x_in [B, d] and W_enc [d, m] in the matmul dtype; b_enc, l1_weights
     [m] fp32; all row-major and contiguous. Returns f [B, m] (matmul dtype), l1 [B] fp32 and
-    fires [m] int32. f may be passed in (the tests poison it)."""
-    B, d = x_in.shape
-    m = W_enc.shape[1]
+    fires [m] int32. f may be passed in (the tests poison it); tiles: to choose from, if not tiles_for's."""
+    (B, d), m = x_in.shape, W_enc.shape[1]
     f = torch.empty(B, m, device=x_in.device, dtype=x_in.dtype) if f is None else f
     l1 = torch.zeros(B, device=x_in.device, dtype=torch.float32)
     fires = torch.zeros(m, device=x_in.device, dtype=torch.int32)
-    encode_tuned[x_in.element_size()][grid(B, m)](x_in, W_enc, b_enc, l1_weights, f, l1, fires,
-                                                  B, d, m, x_in.stride(0), W_enc.stride(0), f.stride(0),
-                                                  **dot_flags(x_in.dtype, precision))
+    launch(encode_kernel, (x_in, W_enc, b_enc, l1_weights, f, l1, fires, B, d, m, x_in.stride(0), W_enc.stride(0),
+                           f.stride(0)), B, m, tuple(tiles or tiles_for(x_in.element_size(), x_in.device)),
+           x_in.dtype, precision)
     return f, l1, fires
 
 
-def pre_grad(d_x_hat, W_dec, f, d_l1, l1_weights, precision="ieee", d_pre=None):
+def pre_grad(d_x_hat, W_dec, f, d_l1, l1_weights, precision="ieee", d_pre=None, tiles=None):
     """(4) and its epilogue: d pre [B, m] in f's dtype, before the dead features' ghost term."""
-    B, d = d_x_hat.shape
-    m = W_dec.shape[0]
+    (B, d), m = d_x_hat.shape, W_dec.shape[0]
     d_pre = torch.empty_like(f) if d_pre is None else d_pre
-    pre_grad_tuned[d_x_hat.element_size()][grid(B, m)](d_x_hat, W_dec, f, d_l1, l1_weights, d_pre,
-                                                       B, d, m, d_x_hat.stride(0), W_dec.stride(0), f.stride(0),
-                                                       d_pre.stride(0), **dot_flags(d_x_hat.dtype, precision))
+    launch(pre_grad_kernel, (d_x_hat, W_dec, f, d_l1, l1_weights, d_pre, B, d, m, d_x_hat.stride(0), W_dec.stride(0),
+                             f.stride(0), d_pre.stride(0)), B, m,
+           tuple(tiles or tiles_for(d_x_hat.element_size(), d_x_hat.device)), d_x_hat.dtype, precision)
     return d_pre
 
 
@@ -246,7 +264,7 @@ class FusedSAE(torch.autograd.Function):
         d_pre.index_add_(1, dead, d_pre_dead.to(d_pre.dtype))                  # the ghost term, on dead columns
         d_W_dec = f.T @ g                                                      # (3) [m, d]
         d_W_enc = x_in.T @ d_pre                                               # (5) [d, m]
-        d_b_enc = d_pre.float().sum(0)                                         # [m]
+        d_b_enc = d_pre.sum(0, dtype=torch.float32)                           # [m], no fp32 [B, m] copy
         d_b_dec = d_x_hat.float().sum(0) - (W_enc_c @ d_b_enc.to(f.dtype)).float()  # decoder bias, and through x_in
         d_l1_weights = (f.T @ d_l1.to(f.dtype)).float() if ctx.needs_input_grad[5] else None
         return None, d_W_enc, d_b_enc, d_W_dec, d_b_dec, d_l1_weights, None, None, None
@@ -375,10 +393,11 @@ def sparse_decode(rows, cols, values, W_dec, B, impl="torch"):
 # BLOCK_N x BLOCK_D = 16 x 128 fp32 tile, 16 values a thread at 4 warps, read as 16-byte vectors.
 
 BAG_N, BAG_D, BAG_WARPS = 16, 128, 4     # bag_sum_kernel: grid (bags, cdiv(d, BAG_D))
+BAG_PIECE = 256                          # bag_sum: longer bags are cut (a program walks its bag serially)
 DOT_N, DOT_D, DOT_WARPS = 16, 128, 4     # gathered_dot_kernel: grid (cdiv(N, DOT_N),)
 
 
-@triton.jit
+@jit
 def bag_sum_kernel(idx_ptr, w_ptr, starts_ptr, table_ptr, out_ptr, N, n_bags, d, stride_table, stride_out,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bag = tl.program_id(0)
@@ -401,14 +420,28 @@ def bag_sum_kernel(idx_ptr, w_ptr, starts_ptr, table_ptr, out_ptr, N, n_bags, d,
              mask=col_in)
 
 
-def bag_sum(index, weights, starts, table, out=None):
+def bag_sum(index, weights, starts, table, out=None, split=True):
     """out[j] = sum_{n in bag j} weights_n table[index_n], [len(starts), d] fp32, for entries sorted
     by bag with bag j starting at starts[j] (bag_offsets); an empty bag sums to 0. index [N] and
-    starts integer, weights [N] and table [*, d] float. out may be passed in (the tests poison it)."""
+    starts integer, weights [N] and table [*, d] float. out may be passed in (the tests poison it);
+    split=False walks each bag whole, in one program."""
     n, d = len(starts), table.shape[1]
     out = torch.empty(n, d, device=table.device, dtype=torch.float32) if out is None else out
     if len(index) == 0:  # nothing to read: every bag is empty
         return out.zero_()
+    if split and n and d:
+        # A long bag (a feature that fires on most tokens) would be one program's long serial walk.
+        # So every bag is cut into pieces of at most BAG_PIECE entries, the pieces are summed, and
+        # then each bag's pieces: two launches, as deterministic as one, and no host sync, for the
+        # pieces are padded to a fixed count P with empty ones at entry 0.
+        entry = torch.arange(len(index), device=index.device, dtype=starts.dtype)            # [N]
+        bag_start = starts[torch.searchsorted(starts, entry, right=True) - 1]               # [N]
+        cut = (entry - bag_start) % BAG_PIECE == 0                                           # [N] starts a piece
+        P = min(n + len(index) // BAG_PIECE, len(index))  # >= the pieces, sum_j cdiv(len_j, BAG_PIECE)
+        piece_starts = torch.where(cut, entry, 0).sort().values[-P:]                         # [P]
+        pieces = bag_sum(index, weights, piece_starts, table, split=False)                  # [P, d]
+        return bag_sum(entry[:P], torch.ones(P, device=table.device), torch.searchsorted(piece_starts, starts),
+                       pieces, out, split=False)
     if n and d:
         table = table if table.stride(1) == 1 else table.contiguous()
         bag_sum_kernel[(n, triton.cdiv(d, BAG_D))](index.contiguous(), weights.contiguous(), starts.contiguous(),
@@ -422,7 +455,7 @@ def bag_sum_torch(index, weights, starts, table):
     return F.embedding_bag(index, table, starts, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
-@triton.jit
+@jit
 def gathered_dot_kernel(ia_ptr, a_ptr, ib_ptr, b_ptr, out_ptr, N, d, stride_a, stride_b,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                # entries
@@ -459,188 +492,34 @@ def gathered_dot_torch(ia, a, ib, b, chunk=65536):
 
 
 # -----------------------------------------------------------------------------
-# The self-check that --kernels auto runs on CUDA before trusting the kernels (a user's Triton
-# may not compile them), and the choice it informs.
+# Which path trains. A user's Triton may miscompile a kernel, a GPU may lack the shared memory,
+# registers or tensor cores a tile needs, and a compiler abort or a sticky CUDA fault kills its
+# process: so on CUDA, --kernels auto first checks the kernels, in a child process, on exactly
+# what will train (gpu_check.py). `python kernels.py` cross-compiles every kernel variant for
+# GPUs that need not be here and prints what each uses (gpu_check.cross_compile).
 
-def self_check(device, sparse):
-    """Run a step once on a small random problem, forward and backward, with impl "triton" and
-    "torch": None if they agree, else what went wrong. sparse: the TopK step (SparsePre and
-    sparse_decode), which sums in fp32 in other orders only, so agrees to 1e-4; else relu's
-    fused step, which agrees to 1e-2, TF32 or not."""
-    g = torch.Generator(device).manual_seed(0)
-    B, d, m, k = 64, 48, 96, 4
-    x = torch.randn(B, d, device=device, generator=g)
-    params = [torch.randn(d, m, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(m, device=device, generator=g),
-              torch.randn(m, d, device=device, generator=g) / d ** 0.5, 0.1 * torch.randn(d, device=device, generator=g)]
-    top = dense_pre(x, params[0], params[1], params[3]).topk(k, dim=1)
-    kept, cols, rows = top.values.flatten(), top.indices.flatten(), torch.arange(B, device=device).repeat_interleave(k)
-    dead, l1_weights = torch.arange(0, m, 7, device=device), torch.ones(m, device=device)
-    results = []
-    try:
-        for impl in ("torch", "triton"):
-            W_enc, b_enc, W_dec, b_dec = ps = [p.clone().requires_grad_() for p in params]
-            if sparse:
-                values = SparsePre.apply(kept, x, W_enc, b_enc, b_dec, rows, cols, impl)
-                out = [sparse_decode(rows, cols, values, W_dec, B, impl)]
-                out[0].pow(2).sum().backward()
-            else:
-                out = x_hat, l1, pre_dead, _ = sae_forward(x, *ps, l1_weights, dead, impl, dtype=torch.float32)
-                (x_hat.pow(2).sum() + l1.sum() + pre_dead.exp().sum()).backward()
-            results.append([t.float() for t in out] + [p.grad for p in ps])
-    except Exception as e:  # a compiler error, or a launch failure
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    tol = 1e-4 if sparse else 1e-2
-    if any(not (a - b).norm() <= tol * b.norm() + 1e-6 for a, b in zip(*results)):
-        return "its results differ from the torch reference"
-    return None
+KERNEL_DEVICES = ("cuda",)  # where --kernels auto tries the kernels (ROCm's torch calls its GPUs cuda too)
 
 
-def check_fused(device):
-    return self_check(device, sparse=False)
-
-
-def check_sparse(device):
-    return self_check(device, sparse=True)
-
-
-def choose(requested, device, arch):
-    """--kernels: "auto" is the Triton kernels on CUDA once they pass their self-check on the device
-    (relu's fused ones, or the sparse ones of topk and batchtopk), else torch, with a WARNING:
-    never silently, though the torch path is correct, only slower. "triton" insists."""
-    check, which = (check_fused, "fused") if arch == "relu" else (check_sparse, "sparse TopK")
-    if requested == "auto":
-        requested = "triton" if device.startswith("cuda") else "torch"
-        problem = check(device) if requested == "triton" else None
-        if problem:
-            print(f"WARNING: the {which} Triton kernels failed their check on {device} ({problem}); "
-                  f"training with the torch path instead (--kernels torch)", file=sys.stderr)
-            requested = "torch"
-    if requested == "triton" and not device.startswith("cuda") and not INTERPRET:
-        raise ValueError("--kernels triton on CPU: expected a CUDA device (or TRITON_INTERPRET=1, for tests)")
-    return requested
-
-# -----------------------------------------------------------------------------
-# `python kernels.py`: every kernel above, in every tile the autotuner may pick, compiled for
-# GPUs that need not be here (Ampere, sm_80; Hopper, sm_90) by the ptxas inside Triton's wheel,
-# with what the compiled code uses: registers per thread, stack (spills), shared memory, and
-# whether its products run on tensor cores. test_kernels_compile_for_gpus runs it in CI.
-
-SHARED_LIMIT = {80: 166_912, 90: 232_448}  # bytes of shared memory one block may have (opt-in)
-# Each kernel's pointer arguments: "op" is the matmul operand dtype; the integers are i32.
-POINTERS = {
-    "encode_kernel": dict(x_ptr="op", w_ptr="op", f_ptr="op", b_ptr="*fp32", l1w_ptr="*fp32", l1_ptr="*fp32",
-                        fires_ptr="*i32"),
-    "pre_grad_kernel": dict(dxh_ptr="op", wdec_ptr="op", f_ptr="op", dpre_ptr="op", dl1_ptr="*fp32", l1w_ptr="*fp32"),
-    "bag_sum_kernel": dict(idx_ptr="*i64", w_ptr="*fp32", starts_ptr="*i64", table_ptr="op", out_ptr="*fp32"),
-    "gathered_dot_kernel": dict(ia_ptr="*i64", a_ptr="op", ib_ptr="*i64", b_ptr="op", out_ptr="*fp32"),
-}
-UNALIGNED = ("N",)  # the number of kept entries: BatchTopK's varies, so no divisibility is assumed
-
-
-def compile_cases():
-    """(label, kernel name, operand dtype, constexprs, warps, stages) for each variant a GPU may run."""
-    for kernel in ("encode_kernel", "pre_grad_kernel"):
-        for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")):
-            for bm, bn, bk, warps, stages in TILES[2 if dtype == "bf16" else 4]:
-                label = f"{kernel} {dtype}{'/' + precision if dtype == 'fp32' else ''} {bm}x{bn}x{bk}/{warps}w/{stages}s"
-                yield label, kernel, dtype, dict(FP32_DOT=dtype == "fp32", PRECISION=precision, UPCAST=False,
-                                                 BM=bm, BN=bn, BK=bk, GROUP=GROUP), warps, stages
-    # The TopK step's kernels read fp32 tables in training, with fixed blocks (no autotuning).
-    yield f"bag_sum_kernel fp32 {BAG_N}x{BAG_D}/{BAG_WARPS}w", "bag_sum_kernel", "fp32", \
-        dict(BLOCK_N=BAG_N, BLOCK_D=BAG_D), BAG_WARPS, 3
-    yield f"gathered_dot_kernel fp32 {DOT_N}x{DOT_D}/{DOT_WARPS}w", "gathered_dot_kernel", "fp32", \
-        dict(BLOCK_N=DOT_N, BLOCK_D=DOT_D), DOT_WARPS, 3
-
-
-def compile_for(arch, name, dtype, constexprs, warps, stages):
-    """Compile one variant for sm_<arch>; return its resources, read off the cubin by cuobjdump.
-    Pointers and integers (but UNALIGNED) are assumed divisible by 16, as the JIT assumes them
-    at the shapes we train (d 768, m 24,576, batches of 4,096)."""
-    import subprocess
-    import tempfile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    kernel = globals()[name]
-    pointers = {arg: ("*" + dtype if kind == "op" else kind) for arg, kind in POINTERS[name].items()}
-    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
-               if not p.is_constexpr and p.name not in UNALIGNED}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, aligned), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    line = next(s for s in usage.splitlines() if "REG:" in s)               # REG:168 STACK:0 SHARED:0 LOCAL:0 ...
-    fields = dict(item.split(":") for item in line.split())
-    ptx = compiled.asm["ptx"]
-    return dict(reg=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]),
-                shared=compiled.metadata.shared + int(fields["SHARED"]),
-                tensor_cores="wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none")
-
-
-def check_on(device, shapes=((4096, 768, 24576), (1000, 770, 3001))):
-    """`python kernels.py --check cuda`, for a machine with a GPU: each kernel against float64 at
-    the training shapes and at odd ones, then the fused and sparse self-checks. One line each;
-    True if all pass. (The tests check the same under the interpreter, at tiny shapes.)"""
-    g = torch.Generator(device).manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, device=device, generator=g)
-    rel = lambda got, ref: ((got.double() - ref).norm() / ref.norm()).item()
-    results = []
-    for B, d, m in shapes:
-        for dtype, precision, tol in ((torch.bfloat16, "ieee", 1e-2), (torch.float32, "tf32", 3e-3),
-                                      (torch.float32, "ieee", 1e-5)):
-            x, W, b, l1w = rand(B, d).to(dtype), (rand(d, m) / d ** 0.5).to(dtype), 0.1 * rand(m), rand(m).abs()
-            f, l1, fires = encode(x, W, b, l1w, precision)
-            pre = x.double() @ W.double() + b.double()
-            error = max(rel(f, pre.relu()), rel(l1, pre.relu() @ l1w.double()))
-            results.append((f"encode {B}x{d}x{m} {dtype} {precision}", error, tol))
-            d_x_hat, W_dec, d_l1 = rand(B, d).to(dtype), (rand(m, d) / d ** 0.5).to(dtype), rand(B)
-            d_pre = pre_grad(d_x_hat, W_dec, f, d_l1, l1w, precision)
-            ref = (d_x_hat.double() @ W_dec.double().T + d_l1.double()[:, None] * l1w.double()) * (f > 0)
-            results.append((f"pre_grad {B}x{d}x{m} {dtype} {precision}", rel(d_pre, ref), tol))
-        N = B * 32
-        rows, cols = torch.arange(B, device=device).repeat_interleave(32), torch.randint(0, m, (N,), device=device)
-        values, table = rand(N), rand(m, d)
-        ref = torch.zeros(B, d, device=device, dtype=torch.float64).index_add_(0, rows, values.double()[:, None] *
-                                                                                 table.double()[cols])
-        results.append((f"bag_sum {N} entries into {B} bags, d {d}", rel(bag_sum(cols, values, bag_offsets(rows, B), table),
-                                                                          ref), 1e-5))
-        ref = (table.double()[cols] * table.double()[rows]).sum(1)
-        results.append((f"gathered_dot {N} entries, d {d}", rel(gathered_dot(cols, table, rows, table), ref), 1e-5))
-    for name, check in (("check_fused", check_fused), ("check_sparse", check_sparse)):
-        problem = check(device)
-        results.append((f"{name} ({problem or 'agrees with torch'})", 0.0 if problem is None else math.inf, 0.0))
-    for name, error, tol in results:
-        print(f"{'PASS' if error <= tol else 'FAIL'}  {name}: relative error {error:.2e} (tolerance {tol:.0e})")
-    return all(error <= tol for _, error, tol in results)
-
-
-def main():
-    import argparse
-    import json
-    from concurrent.futures import ProcessPoolExecutor
-    p = argparse.ArgumentParser(description="Cross-compile every kernel and tile for GPUs and print their resources; "
-                                            "or, with --check, test the kernels on a GPU.")
-    p.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated")
-    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel")
-    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    p.add_argument("--check", default=None, help="instead: run each kernel on this device (cuda) against float64")
-    args = p.parse_args()
-    if args.check:
-        sys.exit(0 if check_on(args.check) else 1)
-    cases = [(arch, *case) for arch in map(int, args.arch.split(",")) for case in compile_cases()]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(compile_for, *zip(*[(arch, *case[1:]) for arch, *case in cases])))
-    rows = [dict(arch=arch, variant=case[0], **r) for (arch, *case), r in zip(cases, results)]
-    if args.json:
-        return print(json.dumps(rows))
-    print(f"{'sm':>3}  {'variant':<52} {'REG':>4} {'STACK':>6} {'SHARED':>8}  tensor cores")
-    for r in rows:
-        fits = "" if r["shared"] <= SHARED_LIMIT[r["arch"]] else "  (too much shared memory)"
-        print(f"{r['arch']:>3}  {r['variant']:<52} {r['reg']:>4} {r['stack']:>6} {r['shared']:>8}  {r['tensor_cores']}{fits}")
+def choose(requested, device, arch, dtype, precision, shape):
+    """--kernels: "torch"; "triton", which insists; or "auto": the Triton kernels on CUDA once
+    check_kernels passes for this very configuration (shape: B, d, m), else torch with a one-line
+    WARNING that says why: never silently, though the torch path is correct, only slower."""
+    kind = torch.device(device).type
+    if requested == "triton" and triton is None:
+        raise ValueError("--kernels triton: Triton is not installed here (pip install triton; Linux only)")
+    if requested == "triton" and kind != "cuda" and not INTERPRET:
+        raise ValueError(f"--kernels triton on {device}: expected a CUDA device (or TRITON_INTERPRET=1, for tests)")
+    if requested != "auto" or kind not in KERNEL_DEVICES:
+        return requested if requested != "auto" else "torch"
+    import gpu_check  # the check's code, and its child process, only where it runs
+    problem = "Triton is not installed" if triton is None else gpu_check.self_check(device, arch, dtype, precision, shape)
+    if problem:
+        print(f"WARNING: the Triton kernels failed their check on {device} ({problem}); training with the torch "
+              f"path instead (--kernels torch)", file=sys.stderr)
+    return "torch" if problem else "triton"
 
 
 if __name__ == "__main__":
-    main()
+    import gpu_check
+    gpu_check.cross_compile()

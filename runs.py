@@ -37,7 +37,7 @@ def add_input_flags(p):  # where the tokens, weights and downloads are; where an
     p.add_argument("--data", default="fineweb", help="'fineweb', or token files (.txt, .bin, .npy), comma-separated")
     p.add_argument("--weights", default=None, help="local GPT-2 model.safetensors (default: download OpenAI's)")
     p.add_argument("--cache_dir", default=None, help=f"downloads and tokenized text (default: {data.default_cache_dir()})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
 
 
@@ -49,10 +49,10 @@ def check_inputs(args, *positive):
     if not 2 <= args.ctx <= 1024:
         raise ValueError(f"--ctx {args.ctx}: expected 2..1024 (BOS and at least one token; GPT-2's longest context)")
     kind, colon, index = args.device.partition(":")
-    if kind not in ("cpu", "cuda") or (colon and not index.isdigit()):
-        raise ValueError(f"--device {args.device}: expected cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps") or (colon and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"--device {args.device}: expected cpu, cuda, cuda:N or mps")
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]:
+        raise ValueError(f"--device {args.device}: {kind.upper()} is not available here; use --device cpu")
     if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
     if args.weights is not None:

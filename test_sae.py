@@ -35,9 +35,15 @@ import dashboard
 import data
 import eval as evaluation  # "eval" would shadow the builtin
 import gpt2
+import gpu_check
 import kernels
 import runs
 import train_sae
+
+version = lambda v: tuple(int(part) for part in v.split(".")[:2])  # noqa: E731
+if kernels.triton and version(kernels.triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
+    pytest.exit("Triton 3.6's interpreter, which the kernel tests run on, breaks with numpy >= 2.4: "
+                "pip install 'numpy<2.4' (or Triton >= 3.7)", returncode=1)
 
 # Fixtures and helpers that several sections use.
 
@@ -449,8 +455,8 @@ def reference_topk_loss(P, x, arch, k, dead, k_aux, coef):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
-                         ids=["no-dead", "dead", "k_aux-capped"])
+@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64),
+                                         (list(range(1, 40, 3)), 5)], ids=["no-dead", "dead", "k_aux-capped", "many-dead"])
 def test_topk_step_matches_dense_float64(arch, dead, k_aux):
     """The sparse step (kernels.SparsePre, sparse_decode) against a dense float64 formulation:
     value, every gradient, and the count of what fires."""
@@ -700,19 +706,56 @@ def test_fused_step_in_fp16():
     assert max(errors.values()) < 1e-2, errors
 
 
-@pytest.mark.parametrize("check, first, second", [("check_fused", "encode", "pre_grad"),
-                                                  ("check_sparse", "bag_sum", "gathered_dot")], ids=["fused", "sparse"])
-def test_self_check(monkeypatch, check, first, second):
-    """What --kernels auto runs on CUDA before trusting the kernels (relu's fused ones, or the TopK
-    step's sparse ones), here under the interpreter: a kernel that raises, and one 10% off."""
-    check = getattr(kernels, check)
-    assert check("cpu") is None
-    monkeypatch.setattr(kernels, first, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX too new")))
-    assert check("cpu") == "RuntimeError: PTX too new"
-    monkeypatch.undo()
-    real = getattr(kernels, second)
-    monkeypatch.setattr(kernels, second, lambda *a, **k: real(*a, **k) * 1.1)
-    assert check("cpu") == "its results differ from the torch reference"
+def patched_check(monkeypatch, tmp_path, old, new):
+    """Point gpu_check.self_check's child process at a copy of kernels.py with `old` replaced by `new`."""
+    source = open(os.path.join(HERE, "kernels.py")).read()
+    assert source.count(old) == 1, old
+    open(tmp_path / "kernels.py", "w").write(source.replace(old, new))
+    shutil.copy(os.path.join(HERE, "gpu_check.py"), tmp_path / "gpu_check.py")
+    monkeypatch.setattr(gpu_check, "__file__", str(tmp_path / "gpu_check.py"))
+
+
+CHECK_SHAPE = {"relu": (70, 50, 150), "topk": (16, 20, 40)}  # B, d, m: topk checks B k = 512 entries
+WRONG_F = ("f = tl.where(inside, tl.maximum(pre, 0.0), 0.0)", "f = tl.where(inside, tl.maximum(pre, 0.0), 0.0) * 1.01")
+
+
+@pytest.mark.parametrize("arch, old, new, said", [
+    ("relu", *WRONG_F, "encode_kernel fp32/ieee 64x64x32: relative error 1.0e-02, over 1e-05"),
+    ("relu", "    (B, d), m = x_in.shape, W_enc.shape[1]\n", "    raise RuntimeError('PTX too new')\n",
+     "its process failed: RuntimeError: PTX too new"),
+    ("relu", "    (B, d), m = x_in.shape, W_enc.shape[1]\n", "    os.abort()\n", "its process died of signal 6"),
+    ("topk", "tl.store(out_ptr + n, tl.sum(acc, axis=1)", "tl.store(out_ptr + n, 1.001 * tl.sum(acc, axis=1)",
+     "gathered_dot_kernel, 512 entries: relative error 1.0e-03, over 1e-05")],
+    ids=["wrong-values", "raises", "aborts", "topk-wrong-values"])
+def test_self_check(monkeypatch, tmp_path, arch, old, new, said):
+    """What --kernels auto runs before training on CUDA, here under the interpreter, in its child
+    process: every kernel of the step at the training shape against float64. It names in one line
+    a kernel 1% off, one that raises, and one that kills its process (and passes the real ones)."""
+    patched_check(monkeypatch, tmp_path, old, new)
+    assert gpu_check.self_check("cpu", arch, "fp32", "ieee", CHECK_SHAPE[arch]) == said
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_self_check_passes_the_real_kernels(arch):
+    assert gpu_check.self_check("cpu", arch, "fp32", "ieee", CHECK_SHAPE[arch]) is None
+
+
+def test_a_failed_check_warns_and_trains_with_torch_to_the_same_weights(monkeypatch, tmp_path, capsys):
+    """--kernels auto on a device whose check fails: one WARNING that names the failure (in the
+    dtype, precision and tile that training runs), then the torch path, bit for bit."""
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32))
+    weights = {}
+    for kernels_flag in ("torch", "auto"):
+        train_sae.main(["--activations", str(tmp_path / "acts.npy"), "--d_sae", "32", "--batch", "64", "--tokens", "640",
+                        "--buffer", "1024", "--out", str(tmp_path / kernels_flag), "--device", "cpu", "--kernels",
+                        kernels_flag, "--log_every", "1000"])
+        weights[kernels_flag] = sae_weights(tmp_path / kernels_flag / "blocks.9.hook_resid_pre")
+        patched_check(monkeypatch, tmp_path, *WRONG_F)
+        monkeypatch.setattr(kernels, "KERNEL_DEVICES", ("cuda", "cpu"))  # here, the interpreter stands for a GPU
+    err = capsys.readouterr().err
+    assert ("WARNING: the Triton kernels failed their check on cpu (encode_kernel fp32/ieee 64x64x32: relative "
+            "error 1.0e-02, over 1e-05); training with the torch path instead (--kernels torch)") in err
+    assert all(torch.equal(weights["torch"][k], weights["auto"][k]) for k in weights["torch"])
 
 
 # The TopK step's kernels.
@@ -724,9 +767,14 @@ def bags(sizes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("sizes, d", [([3, 0, 17, 1, 0], 13), ([0, 40, 2], 130), ([0, 0], 5)],
-                         ids=["empty-bags", "long-bag-two-column-blocks", "no-entries"])
-def test_bag_sum_kernel(dtype, sizes, d):
+@pytest.mark.parametrize("sizes, d, piece", [([3, 0, 17, 1, 0], 13, None), ([0, 40, 2], 130, None), ([0, 0], 5, None),
+                                             ([0, 9, 0, 13, 4, 1, 0, 0], 130, 4)],
+                         ids=["empty-bags", "long-bag-two-column-blocks", "no-entries", "bags-in-pieces"])
+def test_bag_sum_kernel(monkeypatch, dtype, sizes, d, piece):
+    """piece: kernels.BAG_PIECE, made small so that bags longer than it (9, 13), one as long (4), and
+    empty ones at either end and between are summed in pieces, then the pieces by bag."""
+    if piece:
+        monkeypatch.setattr(kernels, "BAG_PIECE", piece)
     g = torch.Generator().manual_seed(len(sizes) * d)
     bag, starts = bags(sizes)
     index = torch.randint(23, (len(bag),), generator=g)
@@ -754,8 +802,8 @@ def test_gathered_dot_kernel(dtype, N, d):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64)],
-                         ids=["no-dead", "dead", "k_aux-capped"])
+@pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64),
+                                         (list(range(1, 40, 3)), 5)], ids=["no-dead", "dead", "k_aux-capped", "many-dead"])
 def test_topk_step_triton_matches_dense_float64(arch, dead, k_aux):
     """topk_loss with impl "triton" against the dense float64 formulation (value and every
     gradient), and against impl "torch" (x_hat, what fires)."""
@@ -823,62 +871,129 @@ def test_topk_training_steps_triton_equal_torch():
     assert_same_training(runs, ("mse", "auxk", "l0"))
 
 
-def test_topk_kernels_chosen(monkeypatch, capsys):
-    """--kernels for topk and batchtopk: auto is the Triton kernels on CUDA once they pass their
-    check, else torch with a warning; triton on CPU only under the interpreter."""
-    def resolved(flag, device, problem=None):
-        monkeypatch.setattr(kernels, "check_sparse", lambda device: problem)
-        args = train_sae.parse_args(["--arch", "batchtopk", "--kernels", flag, "--device", device])
-        return kernels.choose(args.kernels, args.device, args.arch)
-    assert resolved("auto", "cuda") == "triton" and resolved("auto", "cpu") == "torch"
-    assert resolved("auto", "cuda", "RuntimeError: PTX too new") == "torch"
-    assert ("WARNING: the sparse TopK Triton kernels failed their check on cuda (RuntimeError: PTX too new)"
-            in capsys.readouterr().err)
-    assert resolved("triton", "cpu") == "triton"
+def test_kernels_chosen(monkeypatch, capsys):
+    """--kernels: auto is the Triton kernels on CUDA once they pass their check of what will train,
+    else torch with a one-line warning; triton insists, on CUDA or under the interpreter only."""
+    asked = []
+
+    def choose(flag, device, problem=None):
+        monkeypatch.setattr(gpu_check, "self_check", lambda *spec: asked.append(spec) or problem)
+        return kernels.choose(flag, device, "batchtopk", "bf16", "ieee", (4096, 768, 24576))
+    assert choose("auto", "cpu") == "torch" and not asked  # no check off CUDA
+    assert choose("auto", "cuda:1") == "triton" and asked == [("cuda:1", "batchtopk", "bf16", "ieee", (4096, 768, 24576))]
+    assert choose("auto", "cuda", "gathered_dot_kernel fp32 16x128/4w has no tensor cores on 75") == "torch"
+    assert capsys.readouterr().err == ("WARNING: the Triton kernels failed their check on cuda (gathered_dot_kernel "
+                                       "fp32 16x128/4w has no tensor cores on 75); training with the torch path "
+                                       "instead (--kernels torch)\n")
+    assert choose("triton", "cpu") == "triton" and choose("torch", "cuda") == "torch" and len(asked) == 2
     monkeypatch.setattr(kernels, "INTERPRET", False)
-    with pytest.raises(ValueError, match="--kernels triton on CPU: expected a CUDA device"):
-        resolved("triton", "cpu")
+    with pytest.raises(ValueError, match="--kernels triton on cpu: expected a CUDA device"):
+        choose("triton", "cpu")
+    monkeypatch.setattr(kernels, "triton", None)
+    with pytest.raises(ValueError, match="--kernels triton: Triton is not installed here"):
+        choose("triton", "cuda")
+    assert choose("auto", "cuda") == "torch" and "(Triton is not installed)" in capsys.readouterr().err
 
 
-def test_kernels_compile_for_gpus(tmp_path):
-    """Every kernel in every tile the autotuner may pick, compiled for Ampere (sm_80) and Hopper
-    (sm_90) by `python kernels.py` (Triton's own ptxas; no GPU needed), with a fresh compile
-    cache so that it really compiles: none spills, each fits the architecture's shared memory,
-    and the products run on tensor cores (wgmma on Hopper) except in IEEE fp32."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compiler, not the interpreter
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "kernels.py", "--json", "--jobs", "2"], cwd=HERE, env=env,
-                       capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def cross_compiled(tmp_path_factory):
+    """`python kernels.py --json --ir` for sm_80, sm_90 and gfx942, with a real compiler (not the
+    interpreter) and a fresh cache, so that it really compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    r = subprocess.run([sys.executable, "kernels.py", "--json", "--ir", "--jobs", "2", "--arch", "80,90,gfx942"], cwd=HERE,
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(r.stdout)
-    expected = {(arch, kernel, dtype) for arch in (80, 90) for kernel in ("encode_kernel", "pre_grad_kernel")
-                for dtype in ("bf16", "fp32/tf32", "fp32/ieee")}
-    expected |= {(arch, kernel, "fp32") for arch in (80, 90) for kernel in ("bag_sum_kernel", "gathered_dot_kernel")}
-    assert {(r["arch"], *r["variant"].split()[:2]) for r in rows} == expected
-    for size, tiles in kernels.TILES.items():  # a real choice for the autotuner: two tiles or more
-        assert len(tiles) >= 2
-    assert len(rows) == 2 * (2 * (len(kernels.TILES[2]) + 2 * len(kernels.TILES[4])) + 2)
+    return json.loads(r.stdout)
+
+
+def test_kernels_compile_for_gpus(cross_compiled):
+    """Every kernel in every tile offered on Ampere (sm_80), Hopper (sm_90) and an MI300 (gfx942),
+    compiled by the compilers in Triton's wheel: none spills or keeps a stack, each fits the
+    target's shared memory (and fits() said so before compiling), and the products run on
+    tensor cores (wgmma on Hopper, MFMA on the MI300) except IEEE fp32's on NVIDIA."""
+    rows = cross_compiled
+    for target in ("80", "90", "gfx942"):
+        limit = gpu_check.SHARED_LIMIT[target]
+        offered = {(r["variant"].split()[0], r["variant"].split()[1]) for r in rows if r["target"] == target}
+        assert offered == {(k, dt) for k in gpu_check.GEMMS for dt in ("bf16", "fp32/tf32", "fp32/ieee")} | \
+            {("bag_sum_kernel", "fp32"), ("gathered_dot_kernel", "fp32")}
+        tiles = {size: [t for t in kernels.TILES[size] if kernels.fits(t, size, limit)] for size in (2, 4)}
+        assert all(len(t) >= (2 if target != "gfx942" else 1) for t in tiles.values()), tiles  # a real choice on NVIDIA
+        assert sum(r["target"] == target for r in rows) == 2 * (len(tiles[2]) + 2 * len(tiles[4])) + 2
     for r in rows:
-        assert r["stack"] == 0 and r["local"] == 0, r  # nothing spills
-        assert r["shared"] <= kernels.SHARED_LIMIT[r["arch"]], r
+        assert r["stack"] == 0 and r["spills"] == 0 and r["shared"] <= r["limit"], r
         kernel, dtype = r["variant"].split()[:2]
-        gemm = kernel in ("encode_kernel", "pre_grad_kernel") and dtype != "fp32/ieee"  # the others gather and add
-        assert r["tensor_cores"] == (("wgmma" if r["arch"] == 90 else "mma.sync") if gemm else "none"), r
+        gemm = kernel in gpu_check.GEMMS and (dtype != "fp32/ieee" or r["target"] == "gfx942")
+        expected = {"80": "mma.sync", "90": "wgmma", "gfx942": "mfma"}[r["target"]]
+        assert r["tensor_cores"] == (expected if gemm else "none"), r
 
 
-def test_the_gpu_check_passes_under_the_interpreter(capsys):
-    """`python kernels.py --check cuda`, the first thing to run on a GPU, at a tiny odd shape: it
-    passes here, and says FAIL when a kernel is wrong."""
-    assert kernels.check_on("cpu", shapes=((70, 50, 150),))
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and all(line.startswith("PASS") for line in lines), lines
-    real = kernels.gathered_dot
-    kernels.gathered_dot = lambda *a: real(*a) * 1.001
-    try:
-        assert not kernels.check_on("cpu", shapes=((70, 50, 150),))
-    finally:
-        kernels.gathered_dot = real
-    assert capsys.readouterr().out.count("FAIL") == 2  # the kernel, and check_sparse through it
+def test_kernel_offsets_are_64_bit(cross_compiled):
+    """Every pointer offset in the GEMM kernels, in every tile (their Triton IR for sm_80 and sm_90),
+    is 64-bit: row * m passes 2^31 at B 16,384 and m 131,072, where 32 bits would wrap."""
+    gemms = [r for r in cross_compiled if r["target"] in ("80", "90") and r["variant"].split()[0] in gpu_check.GEMMS]
+    assert len(gemms) == 2 * 2 * (len(kernels.TILES[2]) + 2 * len(kernels.TILES[4]))
+    for r in gemms:
+        offsets = re.findall(r"tt\.addptr [^:]*: [^,]*, (\S+)", r["ttir"])
+        assert len(offsets) >= 8 and all(o.endswith("xi64>") or o == "i64" for o in offsets), (r["variant"], offsets)
+        bm, bn = r["variant"].split()[2].split("x")[:2]
+        assert f"tensor<{bm}x{bn}xi64>" in offsets, r["variant"]  # f's tile (and d pre's), [BM, BN]
+
+
+def test_gpu_script_dry_run_records_every_part(tmp_path):
+    """`python gpu_check.py OUTDIR --dry`, the GPU script rehearsed on CPU, on a copy of the code
+    whose fused encoder raises when the encoder part times it: every other part runs, passes and
+    leaves finite numbers in results.json and its lines in log.txt; the encoder part is recorded
+    as failed, with the error's line, and keeps the rows it measured before."""
+    code, out, said = tmp_path / "code", tmp_path / "out", "RuntimeError: encode_kernel: out of resources"
+    shutil.copytree(HERE, code, ignore=lambda folder, names: [n for n in names if not n.endswith(".py")])
+    source = (code / "gpu_check.py").read_text()
+    timed = '("kernels.encode, fused", lambda: kernels.encode(x_in, W, b, l1w))'
+    assert source.count(timed) == 1
+    (code / "gpu_check.py").write_text(source.replace(timed, timed.replace(
+        "kernels.encode(x_in, W, b, l1w)", "(_ for _ in ()).throw(RuntimeError('encode_kernel: out of resources'))")))
+    r = subprocess.run([sys.executable, "gpu_check.py", str(out), "--dry"], cwd=code, capture_output=True, text=True,
+                       timeout=300)
+    parts, log = json.load(open(out / "results.json"))["parts"], (out / "log.txt").read_text()
+    assert r.returncode == 1 and list(parts) == list(gpu_check.PARTS), r.stdout[-3000:] + r.stderr[-3000:]
+
+    def numbers(rows):
+        found = [v for row in rows for v in row.values() if isinstance(v, (int, float))]
+        assert found and all(math.isfinite(v) for v in found), rows
+        return found
+    for name, part in parts.items():
+        assert f"== {name}" in log and numbers(part["rows"]) and part["status"] == ("failed" if name == "encoder" else "ok")
+        assert name == "encoder" or all(row.get("verdict", "PASS") == "PASS" for row in part["rows"]), part["rows"]
+    assert "PASS  self_check topk bf16" in log and "PASS  encode_kernel bf16 64x64x32 at 33x20x65" in log
+    encoder = parts["encoder"]["rows"]  # the peak, the bare GEMM, eager torch, then the kernel's error
+    assert parts["encoder"]["said"] == f"1 case(s) failed; the first: {encoder[-1]['what']}: {said}"
+    assert [row.get("error") for row in encoder] == [None, None, None, said] and numbers(encoder[:3])
+    assert f"ERROR {encoder[-1]['what']} | error: {said}" in log and "trouble in encoder;" in log
+    assert not (out / "train" / "big").exists()  # GPT-2 and the tokens: deleted
+
+
+def test_without_triton_train_eval_and_gpt2_run_on_cpu(tiny, tmp_path):
+    """Where Triton does not install (macOS, Windows): with it hidden from imports, train_sae.py (at
+    its default --kernels auto), eval.py and gpt2.py run on CPU, and --kernels triton says why not."""
+    run = tmp_path / "run"
+    code = f"""
+import sys
+sys.modules["triton"] = None  # `import triton` raises ImportError, as where it is not installed
+import eval, gpt2, kernels, train_sae
+assert kernels.triton is None
+train_sae.main({tiny_args(tiny, run, "--layer", "1", steps=8)!r})
+eval.main({eval_args(tiny, run, tokens=64)!r})
+gpt2.main({["--weights", tiny[0], "--data", tiny[1], "--ctx", "16", "--tokens", "640", "--device", "cpu"]!r})
+try:
+    train_sae.main({tiny_args(tiny, tmp_path / "other", "--layer", "1", "--kernels", "triton")!r})
+except ValueError as e:
+    print(e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(run / "blocks.1.hook_resid_pre" / "eval.json"))["tokens"] == 64
+    assert r.stdout.splitlines()[-1] == "--kernels triton: Triton is not installed here (pip install triton; Linux only)"
 
 
 # -----------------------------------------------------------------------------
@@ -1836,8 +1951,8 @@ BAD_INPUT = [
     (["train_sae.py", "--resume", "{tmp}/nothing"], "error: no run to resume in"),
     (["train_sae.py", "--arch", "topk", "--k", "0"], "error: --k 0: expected 1..24576 (--d_sae)"),
     (["train_sae.py", "--arch", "batchtopk", "--threshold_rate", "2"], "error: --threshold_rate 2.0: expected a rate in (0, 1]"),
-    (["train_sae.py", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
-    (["eval.py", "{tmp}", "--device", "gpu"], "error: --device gpu: expected cpu, cuda or cuda:N"),
+    (["train_sae.py", "--device", "gpu"], "error: --device gpu: expected cpu, cuda, cuda:N or mps"),
+    (["eval.py", "{tmp}", "--device", "gpu"], "error: --device gpu: expected cpu, cuda, cuda:N or mps"),
     (["train_sae.py", "--activations", "{tmp}/cut.npy", "--out", "{tmp}/run"], "error: {tmp}/cut.npy: not a complete .npy file"),
     (["train_sae.py", "--activations", "{tmp}/cut.safetensors", "--out", "{tmp}/run"],
      "error: {tmp}/cut.safetensors: not a complete .safetensors file"),

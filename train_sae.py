@@ -240,22 +240,14 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
         kept = pre[rows, cols]                                        # [N]
     # AuxK (Gao et al. 2024, A.2): each token's n_aux largest pre-activations among the dead
     # features, not ReLU'd (so that a feature that died far below 0 still gets a gradient), fit
-    # the residual the live features leave. When there are no more dead features than k_aux,
-    # every token takes all of them: then AuxK is dense, two GEMMs of n_dead columns, far cheaper
-    # than B n_dead sparse entries (each a gathered row of d in every sparse product).
+    # the residual the live features leave. Dense over the dead columns, however many: five bf16
+    # GEMMs of B n_dead d beat B n_aux entries (a gathered fp32 row of d in four products) on a GPU
+    # up to n_dead ~ 200 k_aux, past m; on 2 CPU cores up to ~10 k_aux (bench.py's AuxK row).
     n_dead = int(dead.sum())
     n_aux = min(k_aux, n_dead) if auxk_coef > 0 else 0
-    dense_aux = 0 < n_aux == n_dead
-    aux_rows = aux_cols = aux_pre = rows[:0]
-    if n_aux and not dense_aux:  # pre is not needed after this: mask it in place
-        aux = pre.masked_fill_(~dead, -math.inf).topk(n_aux, dim=1, sorted=False)
-        aux_pre, aux_cols = aux.values.flatten(), aux.indices.flatten()  # [B n_aux]
-        aux_rows = torch.arange(B, device=x.device).repeat_interleave(n_aux)
     del pre
-    # One autograd node for both sets of entries: their gradients meet in one sparse backward.
-    values = kernels.SparsePre.apply(torch.cat([kept, aux_pre.to(kept.dtype)]), x, sae.W_enc, sae.b_enc, sae.b_dec,
-                                     torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols]), impl)
-    f = torch.relu(values[:len(rows)])                                 # [N]
+    values = kernels.SparsePre.apply(kept, x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, impl)  # [N]
+    f = torch.relu(values)                                             # [N]
     x_hat = kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec  # [B, d]
     fires = torch.bincount(cols[f > 0], minlength=m)                   # [m]
     # The normalised MSE, 1 - explained variance: the scale of the data does not matter.
@@ -264,12 +256,12 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     aux_loss = torch.zeros((), device=x.device)
     if n_aux:
         e = (x - x_hat).detach()                                       # [B, d]
-        if dense_aux:
-            on = dead.nonzero().squeeze(1)                             # [n_dead]
-            aux_pre = torch.addmm(sae.b_enc[on], x - sae.b_dec, sae.W_enc[:, on])  # [B, n_dead]
-            e_hat = aux_pre @ sae.W_dec[on]                            # [B, d]
-        else:
-            e_hat = kernels.sparse_decode(aux_rows, aux_cols, values[len(rows):], sae.W_dec, B, impl)  # [B, d]
+        on = dead.nonzero().squeeze(1)                                 # [n_dead]
+        aux_pre = kernels.Encode.apply(x, sae.W_enc[:, on], sae.b_enc[on], sae.b_dec)  # [B, n_dead]
+        if n_aux < n_dead:  # zero all but each token's n_aux largest: a mask, so the kept ones get gradients
+            top = aux_pre.topk(n_aux, dim=1, sorted=False).indices    # [B, n_aux]
+            aux_pre = aux_pre * torch.zeros_like(aux_pre, dtype=torch.bool).scatter_(1, top, True)
+        e_hat = aux_pre @ sae.W_dec[on]                                # [B, d]
         e_spread = batch_mean((e - batch_mean(e.mean(0))).pow(2).sum(1).mean())
         aux_loss = auxk_coef * (e - e_hat).pow(2).sum(1).mean() / e_spread
     loss = mse_loss + aux_loss
@@ -445,12 +437,15 @@ def resample_dead(t, x, args, step):
 
 def train(args):
     layers = check_args(args)
-    args.kernels = kernels.choose(args.kernels, args.device, args.arch)
     owned, shared = runs.split_work(layers, args)  # the layers this rank trains; whether ranks share SAEs
     if not args.resume:
         runs.check_run_folder(args)
     autocast = make_autocast(args)
     source = make_source(args, layers, owned, autocast)
+    precision = matmul_precision(args)  # --kernels auto checks the kernels in exactly what will train
+    args.kernels = kernels.choose(args.kernels, args.device, args.arch, "bf16" if precision == "bf16" else "fp32",
+                                  "tf32" if precision == "tf32" else "ieee",
+                                  (args.batch // runs.WORLD if shared else args.batch, source.d, args.d_sae))
     gen = torch.Generator(args.device).manual_seed(args.seed)
     kept = None if args.resume else runs.first_half(source, args)       # [buffer / 2, owned layers, d]
     trainees = [new_trainee(layer, None if kept is None else kept[:, j], source.d, args) for j, layer in enumerate(owned)]
@@ -581,6 +576,8 @@ def check_args(args):
         raise ValueError(f"--threshold_rate {args.threshold_rate}: expected a rate in (0, 1]")
     if args.tokens < args.batch:
         raise ValueError(f"--tokens {args.tokens}: expected at least one batch ({args.batch})")
+    if args.kernels == "triton":  # refused before any work; auto is settled once the shape is known
+        kernels.choose("triton", args.device, args.arch, None, None, None)
     if args.buffer < 2 * args.batch:
         raise ValueError(f"--buffer {args.buffer}: expected at least two batches ({2 * args.batch})")
     layers = gpt2.parse_layers(args.layer)
@@ -589,12 +586,15 @@ def check_args(args):
     return layers
 
 
+def matmul_precision(args):  # auto: bf16 on CUDA; fp32 elsewhere (CPU, Apple's MPS)
+    return args.precision if args.precision != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
+
+
 def make_autocast(args):
-    precision = args.precision if args.precision != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")
+    precision = matmul_precision(args)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    return lambda: torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16")
+    return lambda: torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def make_source(args, layers, keep, autocast):
