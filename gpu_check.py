@@ -39,9 +39,8 @@ SPARSE = ("bag_sum_kernel", "gathered_dot_kernel")
 
 def variants(limit, arch=None, dtype=None, precision=None):
     """(label, kernel, operand dtype, constexprs, warps, stages) of each kernel variant that an
-    `arch` step (any, for None) runs in this dtype and precision (any, for None) on a GPU with
-    `limit` bytes of shared memory per block: relu's GEMM kernels in every tile that fits, and
-    the TopK step's kernels, which read fp32 tables in fixed blocks."""
+    `arch` step (None: any) runs in this dtype and precision (None: any) with `limit` bytes of
+    shared memory a block: relu's kernels in each tile that fits; TopK's, in fixed blocks."""
     if arch in ("relu", None):
         for kernel in GEMMS:
             for dt, pr in (("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")):
@@ -102,8 +101,7 @@ def check_kernels(device, arch, dtype, precision, B, d, m, k=32):
     else:
         token = torch.arange(B, device=device).repeat_interleave(k)                    # [B k], sorted
         feature = torch.randint(m, (B * k,), device=device, generator=g)               # [B k]
-        w, W_dec, x_in = rand(B * k), rand(m, d), rand(B, d)
-        by_feature = torch.argsort(feature, stable=True)
+        w, W_dec, x_in, by_feature = rand(B * k), rand(m, d), rand(B, d), torch.argsort(feature, stable=True)
 
         def summed(n, bag, table, index):  # float64: out[j] = sum_{bag_i = j} w_i table[index_i]
             out = torch.zeros(n, d, device=device, dtype=torch.float64)
@@ -131,13 +129,16 @@ def self_check(device, arch, dtype, precision, shape):
     try:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--self_check", spec],
                            capture_output=True, text=True, timeout=900)
+        if r.returncode == 0:
+            results, problems = json.loads(r.stdout.strip().splitlines()[-1])  # its verdict: its last line
     except subprocess.TimeoutExpired:
         return "its process ran past 900 s"
+    except (OSError, ValueError, IndexError) as e:  # it could not start, or printed no verdict
+        return f"its process gave no verdict ({type(e).__name__}: {e})"
     if r.returncode:
         said = r.stderr.strip().splitlines()[-1:]  # a Python error's last line says what it was
         how = "failed" if r.returncode > 0 else f"died of signal {-r.returncode}"
         return f"its process {how}" + "".join(f": {line}" for line in said)
-    results, problems = json.loads(r.stdout.strip().splitlines()[-1])
     failed = [f"{what}: relative error {error:.1e}, over {tol:.0e}" for what, error, tol in results if not error <= tol]
     return "; ".join(failed + problems) or None
 
@@ -196,8 +197,7 @@ def cross_compile(argv=None):
     """`python kernels.py`: the table (or --json) of every variant compiled for every --arch."""
     from concurrent.futures import ProcessPoolExecutor
     from triton.backends.compiler import GPUTarget
-    p = argparse.ArgumentParser(prog="kernels.py", description="Cross-compile every kernel variant for GPUs that need "
-                                "not be here, and print what each takes.")
+    p = argparse.ArgumentParser(prog="kernels.py", description="Compile every kernel variant for GPUs, and say what each takes.")
     p.add_argument("--arch", default=",".join(SHARED_LIMIT), help="NVIDIA compute capabilities and AMD gfx targets")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")

@@ -730,14 +730,10 @@ WRONG_F = ("f = tl.where(inside, tl.maximum(pre, 0.0), 0.0)", "f = tl.where(insi
 def test_self_check(monkeypatch, tmp_path, arch, old, new, said):
     """What --kernels auto runs before training on CUDA, here under the interpreter, in its child
     process: every kernel of the step at the training shape against float64. It names in one line
-    a kernel 1% off, one that raises, and one that kills its process (and passes the real ones)."""
+    a kernel 1% off, one that raises, and one that kills its process, and nothing else: the other
+    kernels pass (the dry run of the GPU script checks every kernel unpatched)."""
     patched_check(monkeypatch, tmp_path, old, new)
     assert gpu_check.self_check("cpu", arch, "fp32", "ieee", CHECK_SHAPE[arch]) == said
-
-
-@pytest.mark.parametrize("arch", ["relu", "topk"])
-def test_self_check_passes_the_real_kernels(arch):
-    assert gpu_check.self_check("cpu", arch, "fp32", "ieee", CHECK_SHAPE[arch]) is None
 
 
 def test_a_failed_check_warns_and_trains_with_torch_to_the_same_weights(monkeypatch, tmp_path, capsys):
