@@ -706,12 +706,13 @@ def test_fused_step_in_fp16():
     assert max(errors.values()) < 1e-2, errors
 
 
-def patched_check(monkeypatch, tmp_path, old, new):
-    """Point gpu_check.self_check's child process at a copy of kernels.py with `old` replaced by `new`."""
-    source = open(os.path.join(HERE, "kernels.py")).read()
-    assert source.count(old) == 1, old
-    open(tmp_path / "kernels.py", "w").write(source.replace(old, new))
-    shutil.copy(os.path.join(HERE, "gpu_check.py"), tmp_path / "gpu_check.py")
+def patched_check(monkeypatch, tmp_path, old, new, file="kernels.py"):
+    """Point gpu_check.self_check's child process at copies of kernels.py and gpu_check.py, with
+    `old` replaced by `new` in `file`."""
+    for name in ("kernels.py", "gpu_check.py"):
+        source = open(os.path.join(HERE, name)).read()
+        assert name != file or source.count(old) == 1, old
+        open(tmp_path / name, "w").write(source.replace(old, new) if name == file else source)
     monkeypatch.setattr(gpu_check, "__file__", str(tmp_path / "gpu_check.py"))
 
 
@@ -725,14 +726,16 @@ WRONG_F = ("f = tl.where(inside, tl.maximum(pre, 0.0), 0.0)", "f = tl.where(insi
      "its process failed: RuntimeError: PTX too new"),
     ("relu", "    (B, d), m = x_in.shape, W_enc.shape[1]\n", "    os.abort()\n", "its process died of signal 6"),
     ("topk", "tl.store(out_ptr + n, tl.sum(acc, axis=1)", "tl.store(out_ptr + n, 1.001 * tl.sum(acc, axis=1)",
-     "gathered_dot_kernel, 512 entries: relative error 1.0e-03, over 1e-05")],
-    ids=["wrong-values", "raises", "aborts", "topk-wrong-values"])
+     "gathered_dot_kernel, 512 entries: relative error 1.0e-03, over 1e-05"),
+    ("relu", "print(json.dumps(check_kernels(", "print((check_kernels(",  # gpu_check.py's child prints no JSON
+     "its process gave no verdict (JSONDecodeError: Expecting value: line 1 column 1 (char 0))")],
+    ids=["wrong-values", "raises", "aborts", "topk-wrong-values", "no-verdict"])
 def test_self_check(monkeypatch, tmp_path, arch, old, new, said):
     """What --kernels auto runs before training on CUDA, here under the interpreter, in its child
     process: every kernel of the step at the training shape against float64. It names in one line
     a kernel 1% off, one that raises, and one that kills its process, and nothing else: the other
     kernels pass (the dry run of the GPU script checks every kernel unpatched)."""
-    patched_check(monkeypatch, tmp_path, old, new)
+    patched_check(monkeypatch, tmp_path, old, new, "gpu_check.py" if "check_kernels" in old else "kernels.py")
     assert gpu_check.self_check("cpu", arch, "fp32", "ieee", CHECK_SHAPE[arch]) == said
 
 
