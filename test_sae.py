@@ -928,6 +928,19 @@ def test_kernels_compile_for_gpus(cross_compiled):
         assert r["tensor_cores"] == (expected if gemm else "none"), r
 
 
+def test_spills_and_missing_tensor_cores_are_problems():
+    """What the self-check reads off the compiled code (here rows as `python kernels.py` printed them
+    for a T4 and an A100): spill stores, and GEMMs without tensor cores where the dtype has them."""
+    row = lambda target, variant, spills, cores: dict(target=target, variant=variant, spills=spills, tensor_cores=cores)  # noqa: E731
+    assert gpu_check.compiled_problems(row("75", "encode_kernel bf16 64x128x64/4w/2s", 2112, "none")) == [
+        "encode_kernel bf16 64x128x64/4w/2s spills (2112 stores)",
+        "encode_kernel bf16 64x128x64/4w/2s has no tensor cores on 75"]
+    assert gpu_check.compiled_problems(row("75", "pre_grad_kernel fp32/tf32 64x64x32/4w/3s", 0, "none")) == [
+        "pre_grad_kernel fp32/tf32 64x64x32/4w/3s has no tensor cores on 75"]
+    for variant in ("encode_kernel fp32/ieee 64x64x32/4w/3s", "bag_sum_kernel fp32 16x128/4w"):  # none needed
+        assert gpu_check.compiled_problems(row("80", variant, 0, "none")) == []
+
+
 def test_kernel_offsets_are_64_bit(cross_compiled):
     """Every pointer offset in the GEMM kernels, in every tile (their Triton IR for sm_80 and sm_90),
     is 64-bit: row * m passes 2^31 at B 16,384 and m 131,072, where 32 bits would wrap."""
