@@ -40,6 +40,7 @@ no GPU needed, and prints the registers, spills and shared memory each takes (gp
 
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations, unevaluated without Triton
 
+import functools
 import os
 import sys
 
@@ -192,10 +193,11 @@ def shared_limit(device):
     return getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
 
 
+@functools.lru_cache  # every step asks: the device's properties are read once
 def tiles_for(size, device):
     """The tiles offered on this GPU for operands of `size` bytes; under the interpreter, one large
     tile (a loop iteration costs milliseconds there, whatever its size)."""
-    return [(64, 64, 32, 4, 1)] if INTERPRET else [t for t in TILES[size] if fits(t, size, shared_limit(device))]
+    return ((64, 64, 32, 4, 1),) if INTERPRET else tuple(t for t in TILES[size] if fits(t, size, shared_limit(device)))
 
 
 LAUNCHERS = {}  # (kernel, tiles): its autotuned launcher, made on first use
@@ -350,7 +352,8 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, cols, values, W_dec, B):
         ctx.save_for_backward(rows, cols, values, W_dec)
-        return bag_sum(cols, values, bag_offsets(rows, B), W_dec)      # [B, d] fp32
+        # Bags are tokens, of about k entries: none long enough to be worth cutting (split=False).
+        return bag_sum(cols, values, bag_offsets(rows, B), W_dec, split=False)  # [B, d] fp32
 
     @staticmethod
     def backward(ctx, d_x_hat):                                         # [B, d]
