@@ -4,6 +4,7 @@ SAE is. In order: progress lines; files (downloads, atomic writes, safetensors);
 cut into contexts; activation files, and the .json beside each that says what it holds.
 """
 
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -12,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -27,8 +29,9 @@ from safetensors.torch import load_file
 # Progress lines.
 
 def progress(label, done, total, t0, unit="B"):
-    """One self-overwriting line on stderr: 12.3 MB, 12.3k tokens. The counts are scaled by the
-    total (or by `done`, without one), the rate by itself, so slow progress does not show as 0.0."""
+    """One self-overwriting line on stderr: 12.3 MB, 12.3k tokens, and the time so far. The counts
+    are scaled by the total (or by `done`, without one), the rate by itself, so slow progress does
+    not show as 0.0."""
     rate = done / max(time.time() - t0, 1e-9)
     (scale, prefix), (rate_scale, rate_prefix) = si_prefix(total or done), si_prefix(rate)
     if len(unit) == 1:
@@ -38,7 +41,45 @@ def progress(label, done, total, t0, unit="B"):
         of = f"/{total / scale:,.1f}{prefix}" if total else ""
         count, speed = f"{done / scale:,.1f}{prefix}{of} {unit}", f"{rate / rate_scale:.2f}{rate_prefix} {unit}/s"
     share = f" ({100 * done / total:.0f}%)" if total else ""
-    print(f"\r{label}: {count}{share} at {speed}  ", end="", file=sys.stderr, flush=True)
+    print(f"\r{label}: {count}{share} at {speed}, {duration(time.time() - t0)}  ", end="", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A progress line redrawn every `every` seconds by a thread, however long the caller's work
+    takes between updates (a GPT-2 forward on CPU can take a minute); nothing at all for work done
+    within `quiet` seconds. Set .done as work is done; on a normal exit the line is drawn a last
+    time and ended (an exception leaves the line to whoever reports it)."""
+
+    def __init__(self, label, total, unit="B", quiet=0.0, every=2.0, on=True):
+        self.args, self.done, self.drawn, self.on = (label, total, unit), 0, False, on
+        self.every, self.quiet, self.stop = every, quiet, threading.Event()
+        self.thread = threading.Thread(target=self.tick, daemon=True)
+
+    def tick(self):
+        while not self.stop.wait(self.every if self.drawn or not self.quiet else self.quiet):
+            self.draw()
+
+    def draw(self):
+        label, total, unit = self.args
+        progress(label, self.done, total, self.t0, unit)
+        self.drawn = True
+
+    def __enter__(self):
+        self.t0 = time.time()
+        if not self.on:
+            return self
+        self.thread.start()
+        if not self.quiet:
+            self.draw()
+        return self
+
+    def __exit__(self, kind, *_):
+        self.stop.set()
+        if self.on:
+            self.thread.join()
+        if kind is None and self.drawn:
+            self.draw()
+            print(file=sys.stderr)
 
 
 def si_prefix(x):
@@ -66,7 +107,6 @@ def download(url, path, size=None, sha256=None, retries=5):
     deletes a file that fails a check. Retries only what a retry can mend: not a refusal."""
     if os.path.exists(path):
         return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part, name = path + ".part", os.path.basename(path)
     resume = lambda: f"; run again to resume from {part}" if os.path.exists(part) else ""
     tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
@@ -130,6 +170,7 @@ def fetch_rest(url, part, name):
             length = r.headers.get("Content-Length")  # absent when the server streams in chunks
             have, total = 0, int(length) if length else None
         t0, last = time.time(), 0.0
+        os.makedirs(os.path.dirname(os.path.abspath(part)), exist_ok=True)  # only now: a refusal leaves no folder
         with open(part, "ab" if have else "wb") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
@@ -167,6 +208,18 @@ def check_weights_path(path):
         raise FileNotFoundError(f"weights file not found: {path}")
 
 
+def read_json(path):
+    """A JSON file's object, or one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except ValueError as e:  # a JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def write_atomically(path, text):
     """Write text to path through a temporary file: a kill leaves the old file or the new one."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -177,10 +230,23 @@ def write_atomically(path, text):
 def load_safetensors(path):
     """Every tensor of a safetensors file (never a pickle), or one line on a file that is
     truncated or not safetensors at all."""
+    with open_safetensors(path):  # reads the header: a truncated file fails there
+        return load_file(path)
+
+
+def safetensors_shapes(path):
+    """{name: shape} of a safetensors file's tensors, from its header alone."""
+    with open_safetensors(path) as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+@contextlib.contextmanager
+def open_safetensors(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
     try:
-        return load_file(path)  # reads the header first: a truncated file fails there
+        with safe_open(path, framework="pt") as f:
+            yield f
     except SafetensorError as e:
         raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
 
@@ -205,7 +271,10 @@ def read_shard(path, cache_dir=None):
     if path.endswith(".txt"):
         return read_shard(tokenize_text(path, cache_dir))
     if path.endswith(".npy"):
-        tokens = np.load(path, mmap_mode="r")
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except (ValueError, EOFError) as e:  # truncated, or empty
+            raise ValueError(f"{path}: not a complete .npy file ({e})") from None
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
             raise ValueError(f"{path}: {tokens.dtype} array of shape {tokens.shape}, expected 1-D uint16")
         return tokens
@@ -281,9 +350,15 @@ def tokenizer():
                          f"6d1cbeee0f20b3d9449abfede4726ed8212e3aee and 6c7ea1a7e38e3a7f062df639a5b80947f075ffe6") from None
 
 
+OFFLINE = "offline, --weights and --data take local files"
+
+
 def fineweb_shard(split, i, cache_dir=None):
-    folder = os.path.join(cache_dir or default_cache_dir(), "fineweb10B")
-    return read_shard(download(FINEWEB_URL.format(split, i), os.path.join(folder, f"fineweb_{split}_{i:06d}.bin")))
+    path = os.path.join(cache_dir or default_cache_dir(), "fineweb10B", f"fineweb_{split}_{i:06d}.bin")
+    try:
+        return read_shard(download(FINEWEB_URL.format(split, i), path))
+    except OSError as e:
+        raise OSError(f"{e}; {OFFLINE}") from None
 
 
 def corpus(source="fineweb", split="train", ctx=128, cache_dir=None):
@@ -300,10 +375,11 @@ def corpus(source="fineweb", split="train", ctx=128, cache_dir=None):
               f"each downloaded (200 MB) when the stream reaches it", file=sys.stderr)
         return [partial(fineweb_shard, s, i, cache_dir) for s, i in shards]
     paths = source.split(",") if isinstance(source, str) else list(source)
-    sizes = [len(local_split(p, split, ctx, cache_dir)) for p in paths]
-    if sum(n // (ctx - 1) for n in sizes) == 0:
+    n = sum(len(local_split(p, split, ctx, cache_dir)) // (ctx - 1) for p in paths)  # contexts
+    if n == 0:
         raise ValueError(f"empty corpus: no file holds a context of {ctx - 1} tokens")
-    print(f"{what} tokens: {len(paths)} file{'s' * (len(paths) > 1)}, {sum(sizes):,} tokens", file=sys.stderr)
+    print(f"{what} tokens: {len(paths)} file{'s' * (len(paths) > 1)}, {n:,} contexts of {ctx} ({n * ctx:,} tokens, "
+          f"BOS included)", file=sys.stderr)
     return [partial(local_split, p, split, ctx, cache_dir) for p in paths]
 
 
@@ -381,11 +457,7 @@ def read_about(path):
     """The activation file's .json as a dict, or None when it has none."""
     if not os.path.isfile(about_path(path)):
         return None
-    try:
-        with open(about_path(path)) as f:
-            about = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{about_path(path)}: not valid JSON ({e})") from None
+    about = read_json(about_path(path))
     missing = [k for k in ("model", "hook_name", "layer", "d") if k not in about]
     if missing:
         raise ValueError(f"{about_path(path)}: no {missing[0]!r}; expected the .json --save_activations writes")
@@ -401,9 +473,9 @@ class FileSource:
             raise FileNotFoundError(f"activations file not found: {path}")
         if not path.endswith((".npy", ".safetensors")):
             raise ValueError(f"{path}: expected a .npy or .safetensors file of activations")
-        try:  # a truncated file fails here, on its header
+        try:  # a truncated or empty file fails here, on its header
             f = np.load(path, mmap_mode="r") if path.endswith(".npy") else safe_open(path, framework="pt")
-        except (ValueError, SafetensorError) as e:
+        except (ValueError, EOFError, SafetensorError) as e:
             raise ValueError(f"{path}: not a complete {os.path.splitext(path)[1]} file ({e})") from None
         if path.endswith(".npy"):
             self.rows = f
@@ -415,6 +487,9 @@ class FileSource:
             shape, self.read = self.rows.get_shape(), lambda a, b: self.rows[a:b]
         if len(shape) != 2 or shape[0] == 0:
             raise ValueError(f"{path}: shape {list(shape)}, expected [N, d] with N > 0")
+        dtype = str(self.rows.dtype) if path.endswith(".npy") else self.rows.get_dtype()
+        if dtype not in ("float16", "float32", "float64", "F16", "BF16", "F32", "F64"):
+            raise ValueError(f"{path}: {dtype} rows, expected floating-point activations")
         self.n, self.d = shape
         about = read_about(path)
         if about and about["d"] != self.d:
@@ -422,16 +497,17 @@ class FileSource:
         self.path, self.center, self.device, self.pos = path, center, device, 0
 
     def next(self, n, progress=None):  # reading is fast: no progress to show
-        parts = []
+        parts, pos = [], self.pos  # self.pos moves at the end: an interruption leaves it
         while n:
-            take = min(n, self.n - self.pos)
-            part = self.read(self.pos, self.pos + take)                     # [take, d]
+            take = min(n, self.n - pos)
+            part = self.read(pos, pos + take)                                # [take, d]
             bad = (~torch.isfinite(part).all(1)).nonzero()
             if len(bad):
-                raise ValueError(f"{self.path}: row {self.pos + bad[0].item():,} is not finite (NaN or Inf); "
+                raise ValueError(f"{self.path}: row {pos + bad[0].item():,} is not finite (NaN or Inf); "
                                  f"expected finite activations")
             parts.append(part)
-            self.pos, n = (self.pos + take) % self.n, n - take
+            pos, n = (pos + take) % self.n, n - take
+        self.pos = pos
         x = torch.cat(parts).to(self.device, torch.float32)[:, None]       # [n, 1, d]
         return x - x.mean(-1, keepdim=True) if self.center else x
 

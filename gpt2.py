@@ -172,11 +172,13 @@ def from_pretrained(path=None, cache_dir=None, cfg=None):
     """GPT-2 from a local `model.safetensors`, or OpenAI's GPT-2 small (downloaded once, then
     cached). Without `cfg`, the sizes are read off the file (any GPT-2: small to XL); with
     one, the file must match it exactly. Says on stderr what it loaded."""
-    if path is None:
-        path = data.download(GPT2_URL, os.path.join(cache_dir or data.default_cache_dir(), "gpt2", "model.safetensors"),
-                             size=GPT2_SIZE, sha256=GPT2_SHA256)
+    try:
+        path = path or data.download(GPT2_URL, os.path.join(cache_dir or data.default_cache_dir(), "gpt2",
+                                                            "model.safetensors"), size=GPT2_SIZE, sha256=GPT2_SHA256)
+    except OSError as e:
+        raise OSError(f"{e}; {data.OFFLINE}") from None
     tensors = read_weights(path)
-    model = GPT(cfg or config_of(tensors, path))
+    model = GPT(cfg or config_of({k: t.shape for k, t in tensors.items()}, path))
     copy_weights(model, tensors, path)
     n = sum(p.numel() for p in model.parameters())  # wte counted once: the unembedding is tied to it
     print(f"GPT-2 weights: {path} ({os.path.getsize(path) / 1e6:,.0f} MB, {n / 1e6:,.1f}M parameters, "
@@ -199,14 +201,24 @@ def read_weights(path):
     return tensors
 
 
-def config_of(tensors, path):
-    """The sizes a checkpoint implies. Every GPT-2 has heads of 64 dimensions."""
+def config_of(shapes, path):
+    """The sizes that a checkpoint's tensor shapes {name: shape} imply. Every GPT-2 has heads of
+    64 dimensions."""
     for name in ("wte.weight", "wpe.weight"):
-        if name not in tensors:
+        if name not in shapes:
             raise ValueError(f"{path}: missing tensor {name}")
-    (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
-    n_layer = 1 + max((int(k.split(".")[1]) for k in tensors if k.startswith("h.")), default=-1)
+    (vocab_size, n_embd), block_size = shapes["wte.weight"], shapes["wpe.weight"][0]
+    n_layer = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("h.")), default=-1)
     return GPTConfig(block_size, vocab_size, n_layer, max(1, n_embd // 64), n_embd)
+
+
+def read_config(path=None):
+    """The sizes of the GPT-2 in a weights file, read from its header alone, so that settings can
+    be checked against them before the slow load; OpenAI's GPT-2 small's without a file."""
+    if path is None:
+        return GPTConfig()
+    data.check_weights_path(path)
+    return config_of({k.removeprefix("transformer."): s for k, s in data.safetensors_shapes(path).items()}, path)
 
 
 def copy_weights(model, tensors, path):
@@ -240,7 +252,9 @@ def copy_weights(model, tensors, path):
 class ResidualSource:
     """The next n residual vectors at each of `layers`, from GPT-2 forwards over a stream of
     contexts, keeping the layers in `keep`. One forward, stopped at the deepest layer, serves
-    every layer. state_dict() and load_state_dict() are the stream's position."""
+    every layer. The rows come in stream order whatever the n asked: GPT-2 runs on rounds of
+    `batch` contexts per rank, and the rows of the last round that a call does not take are
+    served by the next. state_dict() and load_state_dict() are that position."""
 
     def __init__(self, model, stream, layers, keep, batch, center, exclude_bos, autocast, device,
                  ranks=1, share=lambda idx: idx, gather=lambda x: x):
@@ -249,50 +263,59 @@ class ResidualSource:
         self.center, self.exclude_bos, self.autocast, self.device = center, exclude_bos, autocast, device
         self.ranks, self.share, self.gather = ranks, share, gather
         self.forward, self.d = model.residuals, model.cfg.n_embd
+        self.round_rows = batch * ranks * (stream.ctx - exclude_bos)
+        self.spare, self.round_start = None, stream.state_dict()  # the last round's unserved rows; its start
 
     @torch.no_grad()
-    def next(self, n, progress=None):
-        """[n, kept layers, d]. progress(rows done) is called about once a second while the
-        forwards run, which takes minutes on CPU."""
-        per_context = self.stream.ctx - self.exclude_bos
-        n_ctx = math.ceil(n / per_context / self.batch) * self.batch  # whole GPT-2 batches
-        if n_ctx % self.ranks:
-            raise ValueError(f"{n_ctx} contexts per refill do not split over {self.ranks} ranks: change --gpt2_batch")
-        mine = self.share(self.stream.next(n_ctx)).to(self.device)          # [n_ctx / ranks, ctx]
-        chunks, shown = [], time.time()
-        for idx in mine.split(self.batch):
-            with self.autocast():
-                resid = self.forward(idx, self.layers)                       # {L: [batch, ctx, d]}
-            x = torch.stack([resid[L] for L in self.layers], dim=2).float()  # [batch, ctx, layers, d]
-            if self.exclude_bos:
-                x = x[:, 1:]
-            chunks.append(x.reshape(-1, *x.shape[2:]))                      # [batch * ctx, layers, d]
-            if progress and time.time() - shown > 1:
-                progress(min(n, sum(map(len, chunks)) * self.ranks))  # about: rank 0 counts for all
-                shown = time.time()
-        x = self.gather(torch.cat(chunks))[:n, self.keep]                    # [n, kept layers, d]
+    def round(self):
+        """One round: [batch * ranks * rows per context, kept layers, d], every rank's forward."""
+        idx = self.share(self.stream.next(self.batch * self.ranks)).to(self.device)  # [batch, ctx]
+        with self.autocast():
+            resid = self.forward(idx, self.layers)                           # {L: [batch, ctx, d]}
+        x = torch.stack([resid[L] for L in self.layers], dim=2).float()      # [batch, ctx, layers, d]
+        x = self.gather(x[:, int(self.exclude_bos):].flatten(0, 1))[:, self.keep]  # [round_rows, kept, d]
         return x - x.mean(-1, keepdim=True) if self.center else x
 
-    def state_dict(self):
-        return self.stream.state_dict()
+    def next(self, n, progress=None):
+        """[n, kept layers, d]; progress(rows ready) after each round, which takes up to a minute
+        on CPU. An interruption (a signal) leaves the position where it was."""
+        parts, start, position = [] if self.spare is None else [self.spare], self.round_start, self.stream.state_dict()
+        try:
+            while sum(map(len, parts)) < n:
+                start = self.stream.state_dict()
+                parts.append(self.round())
+                if progress:
+                    progress(min(n, sum(map(len, parts))))
+        except BaseException:
+            self.stream.load_state_dict(position)
+            raise
+        rows = torch.cat(parts)
+        self.spare, self.round_start = rows[n:], start
+        return rows[:n]
+
+    def state_dict(self):  # where the last round began and how many of its rows are served, if not all
+        if self.spare is None or not len(self.spare):
+            return {"stream": self.stream.state_dict(), "served": 0}
+        return {"stream": self.round_start, "served": self.round_rows - len(self.spare)}
 
     def load_state_dict(self, state):
-        self.stream.load_state_dict(state)
+        state = state if "stream" in state else {"stream": state, "served": 0}  # a checkpoint from before rounds
+        self.stream.load_state_dict(state["stream"])
+        self.spare, self.round_start = self.round()[state["served"]:] if state["served"] else None, state["stream"]
 
 
 def write_activations(path, source, n, chunk, about):
-    """--save_activations: n rows of source (a ResidualSource of one layer) to the .npy `path`,
-    chunk rows at a time, and `about` to the .json beside it, which data.read_about reads. Both
-    appear once complete; an interruption deletes the partial file."""
-    tmp, t0, label = path + ".tmp.npy", time.time(), f"residuals of {about['hook_name']}"
+    """--save_activations: n rows of source (a ResidualSource of one layer, or a FileSource) to
+    the .npy `path`, chunk rows at a time, and `about` to the .json beside it, which
+    data.read_about reads. Both appear once complete; an interruption deletes the partial file."""
+    tmp, t0 = path + ".tmp.npy", time.time()
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, source.d))  # [N, d] on disk
     try:
-        for a in range(0, n, chunk):
-            b = min(a + chunk, n)
-            show = lambda rows: data.progress(label, min(a + rows, n), n, t0, unit="tokens")
-            out[a:b] = source.next(chunk, show)[:b - a, 0].cpu().numpy()
-            show(b - a)
-        print(file=sys.stderr)
+        with data.Progress(f"residuals of {about['hook_name']}", n, "tokens") as shown:
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                out[a:b] = source.next(b - a, lambda rows: setattr(shown, "done", a + rows))[:, 0].cpu().numpy()
+                shown.done = b
         out.flush()
     except BaseException:  # a partial file cannot be resumed: do not leave gigabytes of it behind
         os.remove(tmp)
@@ -302,8 +325,7 @@ def write_activations(path, source, n, chunk, about):
     os.replace(tmp, path)
     data.write_atomically(data.about_path(path), json.dumps(about, indent=2))
     print(f"wrote {n:,} x {source.d} activations of {about['hook_name']} to {path} in "
-          f"{data.duration(time.time() - t0)}, "
-          f"described in {data.about_path(path)}")
+          f"{data.duration(time.time() - t0)}, described in {data.about_path(path)}")
 
 # -----------------------------------------------------------------------------
 # `python gpt2.py`

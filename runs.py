@@ -19,7 +19,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import data
@@ -55,8 +54,16 @@ def check_inputs(args, *positive):
         raise ValueError(f"--device {args.device}: {kind.upper()} is not available here; use --device cpu")
     if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if args.weights is not None:
+    if args.weights is not None and not getattr(args, "activations", None):  # unused with --activations
         data.check_weights_path(args.weights)
+
+
+def note_unused(args, parser, flags, why):
+    """One line naming the flags among `flags` given a value other than their default, which
+    do nothing `why`."""
+    given = [f"--{flag}" for flag in flags if getattr(args, flag) != parser.get_default(flag)]
+    if given:
+        print(f"note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} not used {why}", file=sys.stderr)
 
 
 def command_line(main, interrupted):
@@ -212,8 +219,7 @@ def settings_for_resume(args, parser, argv=None):
         raise FileNotFoundError(f"no run to resume in {args.resume} (expected {path})")
     if not os.path.isfile(os.path.join(args.resume, "checkpoint.json")):
         raise ValueError(f"{args.resume} has no checkpoint to resume from (finished, or stopped before the first)")
-    with open(path) as f:
-        saved = argparse.Namespace(**json.load(f))
+    saved = argparse.Namespace(**data.read_json(path))
     saved.model_name = getattr(saved, "model_name", "gpt2")  # runs from before it was recorded were gpt2's
     missing = sorted(set(vars(args)) - set(vars(saved)))
     if missing:
@@ -230,7 +236,12 @@ def settings_for_resume(args, parser, argv=None):
             if flag == "data" and len(given[flag].split(",")) != len(saved.data.split(",")):
                 raise ValueError(f"--data {given[flag]}: {len(given[flag].split(','))} file(s), but the run read "
                                  f"{len(saved.data.split(','))}: {saved.data}")
+            was = getattr(saved, flag)
             setattr(saved, flag, given[flag])
+            if recorded(saved)[flag] != was:  # run.json and the SAEs' cfg.json keep every input the run read
+                step = data.read_json(os.path.join(args.resume, "checkpoint.json"))["step"]
+                saved.inputs_changed = [*getattr(saved, "inputs_changed", []),
+                                        {"flag": flag, "was": was, "now": recorded(saved)[flag], "at_step": step}]
     return saved
 
 # -----------------------------------------------------------------------------
@@ -274,15 +285,19 @@ def save_checkpoint(run, trainees, kept, served, gen, source, step, args):
 def load_checkpoint(run, trainees, gen, source, args):
     """Restore what save_checkpoint wrote; return the kept half-buffer, the served rows (None in
     older checkpoints) and the step."""
-    with open(os.path.join(run, "checkpoint.json")) as f:
-        saved = json.load(f)
+    saved = data.read_json(os.path.join(run, "checkpoint.json"))
     if (saved["ranks"], saved["parallel"]) != (WORLD, args.parallel):
         raise ValueError(f"{run} was checkpointed by {saved['ranks']} rank(s) in --parallel {saved['parallel']}, "
                          f"expected {WORLD} in --parallel {args.parallel}: resume it as it ran")
     path = os.path.join(run, f"ckpt-{saved['step']:09d}-rank{RANK if args.parallel == 'layers' else 0}.safetensors")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-    tensors = data.load_safetensors(path)
+    try:
+        with data.open_safetensors(path) as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    except (ValueError, OSError) as e:  # damaged after it was written (writes are atomic): by a copy, a disk
+        earlier = sorted(n for n in os.listdir(run) if n.startswith("ckpt-") and n < os.path.basename(path))
+        raise ValueError(f"{e}; the run cannot resume from it: " + (
+            f"an earlier checkpoint is {os.path.join(run, earlier[-1])} (set its step in checkpoint.json)" if earlier
+            else "no earlier checkpoint is kept; start again with --force")) from None
     for t in trainees:
         with torch.no_grad():
             for name, value in t.sae.state_dict().items():
@@ -302,6 +317,8 @@ def load_checkpoint(run, trainees, gen, source, args):
         with open(log) as f:
             data.write_atomically(log, "".join(line for line in f if json.loads(line)["step"] <= step))
     if RANK == 0:
+        if getattr(args, "inputs_changed", None):
+            data.write_atomically(os.path.join(run, "run.json"), json.dumps(recorded(args), indent=2))
         print(f"resumed {run} at step {step:,}", file=sys.stderr)
     return tensors["buffer"].to(args.device), served, step
 
@@ -336,29 +353,54 @@ def check_finite(trainees, step, device, run):
 
 # -----------------------------------------------------------------------------
 # Signals. While the loop runs, the first SIGINT or SIGTERM asks it to stop after the current
-# step, with a checkpoint; a second quits at once. (Before that, command_line handles them.)
+# step, with a checkpoint, or at once while GPT-2 refills the buffer (a minute or more on CPU);
+# a second quits at once. (Before the loop, command_line handles them.)
+
+class Interrupted(Exception):
+    """A signal arrived while GPT-2 refilled the buffer: stop now, from the state before the refill."""
+
+
+class Stop(list):
+    """The signals received, by number. While at_once is set (in fill, in one process), the first
+    one raises Interrupted instead of waiting for the step to end."""
+    at_once = False
+
 
 @contextlib.contextmanager
 def stop_on_signal(run):
-    """Yields `stop`, a list that holds the signal's number once one arrives."""
-    stop = []
+    """Yields a Stop. Python runs a handler only between two torch operations, and two signals
+    that arrive during one operation become one call; the bytes that the wakeup fd receives, one
+    per signal, tell them apart."""
+    stop, (r, w) = Stop(), os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
 
     def on_signal(signum, frame):
-        if stop:  # asked twice: quit now. The last checkpoint on disk is whole (see save_checkpoint).
+        try:
+            arrived = sum(b in (signal.SIGINT, signal.SIGTERM) for b in os.read(r, 256))
+        except BlockingIOError:
+            arrived = 1
+        if stop or arrived > 1:  # asked twice: quit now. The last checkpoint on disk is whole (see save_checkpoint).
             if RANK == 0:
                 print(f"\nsignal {signum} again: quitting without a checkpoint; {last_checkpoint_note(run)}",
                       file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
         stop.append(signum)
         if RANK == 0:
-            print("\nstopping after this step, with a checkpoint (signal again to quit at once, without one)",
-                  file=sys.stderr, flush=True)
+            print(f"\nstopping {'now' if stop.at_once else 'after this step'}, with a checkpoint (signal again to quit "
+                  f"at once, without one)", file=sys.stderr, flush=True)
+        if stop.at_once:
+            raise Interrupted
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    wakeup = signal.set_wakeup_fd(w)
     try:
         yield stop
     finally:
+        signal.set_wakeup_fd(wakeup)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        os.close(r)
+        os.close(w)
 
 
 def exit_stopped(stop, step, run):  # after the checkpoint a signal asked for
@@ -375,19 +417,28 @@ OVER_A_DAY = ("that is more than a day: for a first run, try fewer --tokens (e.g
               "(e.g. 4096), or a GPU (--device cuda)")
 
 
+def fill(source, n, label, quiet=0.0, stop=None):
+    """source.next(n), with a progress line on rank 0 (none if it is done within `quiet` seconds).
+    With `stop`, a signal meanwhile raises Interrupted at once (in one process; ranks stop together)."""
+    with data.Progress(label, n, "tokens", quiet, on=RANK == 0) as shown:
+        if stop is not None:
+            stop.at_once = WORLD == 1
+        try:
+            return source.next(n, lambda rows: setattr(shown, "done", rows))
+        finally:
+            if stop is not None:
+                stop.at_once = False
+
+
 def first_half(source, args):
     """The first half of the mixing buffer, with a progress line; its rate bounds the run's length
     from below, so a run that would take over a day says so at once."""
     half, t0 = args.buffer // 2, time.time()
-    show = lambda rows: data.progress("filling the first half of the buffer", rows, half, t0, unit="tokens")
-    kept = source.next(half, show if RANK == 0 else None)                 # [half, layers, d]
-    if RANK == 0:
-        show(half)
-        print(file=sys.stderr)
-        gpt2_s = args.tokens * (time.time() - t0) / half
-        if gpt2_s > 86400:
-            print(f"at that rate the activations alone take {data.duration(gpt2_s)} for --tokens {args.tokens:,}; "
-                  f"{OVER_A_DAY}", file=sys.stderr)
+    kept = fill(source, half, "filling the first half of the buffer")     # [half, layers, d]
+    gpt2_s = args.tokens * (time.time() - t0) / half
+    if RANK == 0 and gpt2_s > 86400:
+        print(f"at that rate the activations alone take {data.duration(gpt2_s)} for --tokens {args.tokens:,}; "
+              f"{OVER_A_DAY}", file=sys.stderr)
     return kept
 
 
@@ -399,12 +450,17 @@ def expected_time(steps_left, step_s, refill_s_per_step):
     return line + (f"\n{OVER_A_DAY}" if seconds > 86400 else "")
 
 
+LOG_SECONDS = 10  # in one process, a step that follows this long without a line logs too (slow CPU steps)
+REFILL_QUIET = 5  # a refill's progress line shows once it has taken this long (on a GPU it never does)
+
+
 class Log:
     """What the loop reports: after the first refill and three steps, the expected time; every
     --log_every steps, a line per SAE on stdout and the same records in log.jsonl (rank 0)."""
 
     def __init__(self, args, total, step):
         self.args, self.total, self.step0, self.t0 = args, total, step, time.time()
+        self.last_line = self.t0
         self.file = open(os.path.join(args.out, "log.jsonl"), "a") if RANK == 0 else None
         self.refill_s, self.step_s = None, []  # the first refill's and steps' times
 
@@ -419,6 +475,10 @@ class Log:
             if len(self.step_s) == 3 and step < self.total:  # a refill serves buffer / 2 / batch steps
                 refill_s = self.refill_s / (self.args.buffer // 2 // self.args.batch)
                 print(expected_time(self.total - step, sum(self.step_s) / 3, refill_s), file=sys.stderr)
+
+    def due(self, step):  # whether step logs: every --log_every steps, the last, and after a long silence
+        return ((step + 1) % self.args.log_every == 0 or step + 1 == self.total or
+                WORLD == 1 and time.time() - self.last_line > LOG_SECONDS)
 
     def write(self, trainees, records, step):
         """A NaN or Inf in a record stops the run, on every rank."""
@@ -436,6 +496,7 @@ class Log:
                                          f"or raise --lr_warmup; {last_checkpoint_note(args.out)}")
         if RANK != 0:
             return
+        self.last_line = time.time()
         for layer, r in mine:
             r = {"step": step, "tokens": step * args.batch, "layer": layer, "tokens_per_s": round(tokens_per_s), **r}
             self.file.write(json.dumps(r) + "\n")

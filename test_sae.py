@@ -542,22 +542,27 @@ def test_batchtopk_threshold_gives_k_at_inference(tmp_path):
     assert abs(l0 - 3) <= 0.3, l0
 
 
-def test_each_layer_gets_its_own_activations(tiny, tmp_path):
+def test_each_layer_gets_its_own_activations(tiny, tmp_path, monkeypatch):
     """Two SAEs from one forward equal: one trained alone; one trained on a cached file of
-    exactly its layer's residuals, which we check against gpt2.py directly."""
-    both = train_sae.main(tiny_args(tiny, tmp_path / "both", "--layer", "0,2"))
-    alone = train_sae.main(tiny_args(tiny, tmp_path / "alone", "--layer", "0"))
+    exactly its layer's residuals, which we check against gpt2.py directly. Without BOS a context
+    gives 15 rows, so a round of GPT-2 forwards (8 contexts) does not fit a half-buffer (256): the
+    rows a refill leaves wait for the next, and the file, written in chunks of another size (its
+    --buffer), holds the same rows in the same order."""
+    both = train_sae.main(tiny_args(tiny, tmp_path / "both", "--layer", "0,2", "--exclude_bos"))
+    alone = train_sae.main(tiny_args(tiny, tmp_path / "alone", "--layer", "0", "--exclude_bos"))
     assert torch.equal(both[0].sae.W_enc, alone[0].sae.W_enc) and torch.equal(both[0].sae.b_dec, alone[0].sae.b_dec)
     assert not torch.equal(both[0].sae.W_enc, both[1].sae.W_enc)
-    # 40 steps of 64 read the first half-buffer and 10 refills: 11 x 256 residuals.
-    rows = 11 * 256
+    # 40 steps of 64 read the first half-buffer and 10 refills: 11 x 256 residuals, in 24 rounds of 120.
+    rows, rounds, real_round = 11 * 256, [], gpt2.ResidualSource.round
+    monkeypatch.setattr(gpt2.ResidualSource, "round", lambda self: rounds.append(1) or real_round(self))
     train_sae.main(tiny_args(tiny, tmp_path, "--layer", "2", "--save_activations", str(tmp_path / "acts.npy"),
-                             "--tokens", str(rows)))
+                             "--tokens", str(rows), "--buffer", "1000", "--exclude_bos"))
+    assert len(rounds) == 24  # no more GPT-2 than the rows asked for need
     acts = np.load(tmp_path / "acts.npy")
     model = gpt2.from_pretrained(tiny[0])
     stream = data.Contexts(data.corpus(tiny[1], "train", 16), 16, seed=0)
     with torch.no_grad():
-        ref = model.residuals(stream.next(rows // 16), [2])[2].reshape(-1, 64)  # [rows, d], uncentred
+        ref = model.residuals(stream.next(188), [2])[2][:, 1:].reshape(-1, 64)[:rows]  # [rows, d], uncentred
     assert acts.shape == (rows, 64) and np.allclose(acts, ref.numpy(), atol=1e-5)
     from_file = train_sae.main(tiny_args(tiny, tmp_path / "file", "--layer", "2", "--activations", str(tmp_path / "acts.npy")))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -1195,8 +1200,17 @@ def test_saved_activations_say_what_they_are_and_label_the_sae(tiny, tmp_path, c
     first = data.Contexts(data.corpus(tokens, "train", 16), 16, seed=0).next(1)
     assert np.allclose(x[:15], model.residuals(first, [2])[2][0, :15].detach().numpy(), atol=1e-5)  # the first context
 
+    # A copy of the first rows carries the file's provenance; more rows than it holds are refused.
+    train_sae.main(["--activations", acts, "--save_activations", str(tmp_path / "copy.npy"), "--tokens", "1000"])
+    assert np.array_equal(np.load(tmp_path / "copy.npy"), x[:1000])
+    assert json.load(open(tmp_path / "copy.json")) == {**about, "rows": 1000, "copied_from": acts}
+    with pytest.raises(ValueError, match=f"^--tokens 3,001: {acts} holds only 3,000 rows$"):
+        train_sae.main(["--activations", acts, "--save_activations", str(tmp_path / "more.npy"), "--tokens", "3001"])
+
     flags = ["--activations", acts, "--d_sae", "32", "--batch", "64", "--buffer", "512", "--tokens", "640", "--device", "cpu"]
-    train_sae.main([*flags, "--out", str(tmp_path / "run")])
+    capsys.readouterr()
+    train_sae.main([*flags, "--out", str(tmp_path / "run"), "--weights", "missing.safetensors"])  # unused: not checked
+    assert "note: --weights is not used with --activations: its rows are the SAE's inputs\n" in capsys.readouterr().err
     cfg = json.load(open(tmp_path / "run" / "blocks.2.hook_resid_pre" / "cfg.json"))
     assert (cfg["model_name"], cfg["hook_name"], cfg["dataset_path"]) == ("gpt2", "blocks.2.hook_resid_pre", acts)
     with pytest.raises(ValueError) as e:
@@ -1749,9 +1763,17 @@ def test_download_without_network_fails_at_once(tmp_path, monkeypatch, capsys):
         calls.clear()
         t0 = time.time()
         with pytest.raises(OSError) as e:
-            data.download(url, str(tmp_path / "x.bin"))
+            data.download(url, str(tmp_path / "cache" / "x.bin"))
         assert str(e.value) == message and len(calls) == 1 and time.time() - t0 < 5
-    assert "transfer broke" not in capsys.readouterr().err and os.listdir(tmp_path) == []
+    assert "transfer broke" not in capsys.readouterr().err and os.listdir(tmp_path) == []  # not even the folder
+    # GPT-2's weights and FineWeb say that local files will do
+    monkeypatch.setattr(gpt2, "GPT2_URL", "http://nonexistent.invalid/model.safetensors")
+    monkeypatch.setattr(data, "FINEWEB_URL", "http://nonexistent.invalid/fineweb_{}_{:06d}.bin")
+    for load in (lambda: gpt2.from_pretrained(None, str(tmp_path)), lambda: data.corpus("fineweb", "eval")[0]()):
+        with pytest.raises(OSError) as e:
+            load()
+        assert str(e.value).endswith("(no network?); offline, --weights and --data take local files"), str(e.value)
+    assert os.listdir(tmp_path) == []
 
 
 def test_download_retries_server_errors_and_names_the_part_only_when_there_is_one(server, tmp_path, capsys):
@@ -1782,13 +1804,27 @@ def test_progress_picks_a_readable_scale(capsys):
     data.progress("shard.bin", 2_500, None, t0)
     data.progress("eval", 300, 900, t0, unit="tokens")
     lines = [line.strip() for line in capsys.readouterr().err.split("\r") if line]
-    assert lines == ["eval: 12.3k/50.0k tokens (25%) at 1.23k tokens/s",
-                     "model.safetensors: 120.5/548.1 MB (22%) at 12.05 MB/s",
-                     "shard.bin: 2.5 kB at 250.00 B/s",
-                     "eval: 300.0/900.0 tokens (33%) at 30.00 tokens/s"]
+    assert lines == ["eval: 12.3k/50.0k tokens (25%) at 1.23k tokens/s, 10 s",
+                     "model.safetensors: 120.5/548.1 MB (22%) at 12.05 MB/s, 10 s",
+                     "shard.bin: 2.5 kB at 250.00 B/s, 10 s",
+                     "eval: 300.0/900.0 tokens (33%) at 30.00 tokens/s, 10 s"]
 
 
 # Tokens.
+
+
+def test_progress_is_redrawn_by_time_and_quiet_work_prints_nothing(capsys):
+    with data.Progress("slow", 100, "tokens", every=0.05) as shown:
+        time.sleep(0.3)  # one long piece of work, with no update
+        shown.done = 100
+    err = capsys.readouterr().err
+    assert err.count("\rslow: 0.0/100.0 tokens (0%)") >= 3 and err.endswith("100.0/100.0 tokens (100%) at " +
+                                                                           err.rsplit(" at ", 1)[1]) and err[-1] == "\n"
+    with data.Progress("quick", 100, "tokens", quiet=1.0) as shown:
+        shown.done = 100
+    with pytest.raises(KeyboardInterrupt), data.Progress("cut", 100, "tokens") as shown:
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err == "\rcut: 0.0/100.0 tokens (0%) at 0.00 tokens/s, 0 s  "  # no line end: the message ends it
 
 
 @pytest.fixture(scope="module")
@@ -1891,7 +1927,8 @@ def test_corpus_checks_every_file_at_once(tmp_path, capsys):
     capsys.readouterr()
     # 66 and 33 windows of 15 tokens: the last of each is held out, with the leftover tokens.
     assert len(data.corpus(paths, "train", 16)) == 2 and len(data.corpus(",".join(paths), "eval", 16)) == 2
-    assert capsys.readouterr().err == "training tokens: 2 files, 1,455 tokens\nheld-out tokens: 2 files, 45 tokens\n"
+    assert capsys.readouterr().err == ("training tokens: 2 files, 97 contexts of 16 (1,552 tokens, BOS included)\n"
+                                       "held-out tokens: 2 files, 2 contexts of 16 (32 tokens, BOS included)\n")
     shards = data.corpus("fineweb", "train", cache_dir=str(tmp_path / "cache"))  # nothing is fetched yet
     assert len(shards) == 103 and not os.path.exists(tmp_path / "cache")
     assert "103 shards of about 100M tokens, each downloaded (200 MB) when the stream reaches it" in capsys.readouterr().err
@@ -1962,6 +1999,15 @@ BAD_INPUT = [
     (["train_sae.py", "--activations", "{tmp}/missing.npy", "--out", "{tmp}/run"], "error: activations file not found"),
     (["train_sae.py", "--resume", "{tmp}/nothing"], "error: no run to resume in"),
     (["train_sae.py", "--arch", "topk", "--k", "0"], "error: --k 0: expected 1..24576 (--d_sae)"),
+    (["train_sae.py", "--k", "16"], "error: --k 16: a flag of --arch topk and batchtopk, not of relu"),
+    (["train_sae.py", "--arch", "batchtopk", "--l1", "0.1"], "error: --l1 0.1: a flag of --arch relu, not of batchtopk"),
+    (["train_sae.py", "--layer", ""], "error: --layer '': expected a number"),
+    (["train_sae.py", "--activations", "{tmp}/empty.npy", "--out", "{tmp}/run"], "error: {tmp}/empty.npy: not a complete .npy file"),
+    (["train_sae.py", "--activations", "{tmp}/ints.npy", "--out", "{tmp}/run"],
+     "error: {tmp}/ints.npy: int64 rows, expected floating-point activations"),
+    (["train_sae.py", "--save_activations", "{tmp}/nodir/x.npy"],
+     "error: --save_activations {tmp}/nodir/x.npy: expected a .npy path in a folder that exists"),
+    (["train_sae.py", "--resume", "{tmp}/broken"], "error: {tmp}/broken/run.json: not valid JSON (Expecting"),
     (["train_sae.py", "--arch", "batchtopk", "--threshold_rate", "2"], "error: --threshold_rate 2.0: expected a rate in (0, 1]"),
     (["train_sae.py", "--device", "gpu"], "error: --device gpu: expected cpu, cuda, cuda:N or mps"),
     (["eval.py", "{tmp}", "--device", "gpu"], "error: --device gpu: expected cpu, cuda, cuda:N or mps"),
@@ -2008,6 +2054,11 @@ def bad_input_runs(tmp_path_factory):
     data.write_shard(str(tmp / "a.bin"), np.arange(1000, dtype=np.uint16))
     (tmp / "odd.bin").write_bytes(bytes(1001))
     np.save(tmp / "cut.npy", np.zeros((1000, 16), np.float32))
+    np.save(tmp / "ints.npy", np.zeros((1000, 16), np.int64))
+    (tmp / "empty.npy").write_bytes(b"")
+    os.makedirs(tmp / "broken")
+    (tmp / "broken" / "run.json").write_text('{"layer": "9", ')  # cut short
+    (tmp / "broken" / "checkpoint.json").write_text('{"step": 10, "ranks": 1, "parallel": "data"}')
     save_file({"x": torch.zeros(1000, 16)}, str(tmp / "cut.safetensors"))
     for name in ("cut.npy", "cut.safetensors"):  # truncated, as by a full disk or a killed copy
         (tmp / name).write_bytes((tmp / name).read_bytes()[:3000])
@@ -2124,22 +2175,39 @@ def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path):
     assert set(whole) == set(cut) and all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_after_the_step_and_resumes_mid_buffer(tiny, tmp_path, monkeypatch, capsys, signum):
+def signal_during_refill(monkeypatch, at_round, send):
+    """Call send() in GPT-2's forward round number `at_round` (8 make a half-buffer of 1,024)."""
+    real, rounds = gpt2.ResidualSource.round, []
+
+    def round(self):
+        rounds.append(1)
+        if len(rounds) == at_round:
+            send()
+        return real(self)
+    monkeypatch.setattr(gpt2.ResidualSource, "round", round)
+
+
+@pytest.mark.parametrize("signum, during", [(signal.SIGINT, "step"), (signal.SIGTERM, "step"), (signal.SIGINT, "refill")])
+def test_a_signal_stops_after_the_step_and_resumes_mid_buffer(tiny, tmp_path, monkeypatch, capsys, signum, during):
     """The first signal stops the run after the step it arrives in, not at the end of the
-    half-buffer (minutes on CPU): the checkpoint keeps the served rows not yet trained on, and
-    --resume gives the weights of a run never stopped."""
+    half-buffer (minutes on CPU): the checkpoint keeps the served rows not yet trained on. In a
+    refill (a minute or more on CPU) it stops at once, from the state before the refill. Either
+    way --resume gives the weights of a run never stopped."""
     extra = ["--layer", "0,2", "--buffer", "2048", "--checkpoint_every", "10000000"]  # 16 steps per half-buffer
     train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=40))
-    signal_during_step(monkeypatch, 6, signum, times=1)
+    if during == "step":
+        signal_during_step(monkeypatch, 6, signum, times=1)
+    else:  # the 4th round of the refill at step 16
+        signal_during_refill(monkeypatch, 20, lambda: os.kill(os.getpid(), signum))
     with pytest.raises(SystemExit) as stopped:
         train_sae.main(tiny_args(tiny, tmp_path / "cut", *extra, steps=40))
     assert stopped.value.code == 128 + signum
-    err = capsys.readouterr().err
-    assert "stopping after this step, with a checkpoint" in err and f"stopped by signal {signum} at step 7" in err
-    assert json.load(open(tmp_path / "cut" / "checkpoint.json"))["step"] == 7
-    checkpoint = load_file(str(tmp_path / "cut" / "ckpt-000000007-rank0.safetensors"))
-    assert checkpoint["served"].shape == (9 * 64, 2, 64)  # 16 batches served, 7 trained on
+    err, step = capsys.readouterr().err, 7 if during == "step" else 16
+    assert f"stopping {'after this step' if during == 'step' else 'now'}, with a checkpoint" in err
+    assert f"stopped by signal {signum} at step {step}" in err
+    assert json.load(open(tmp_path / "cut" / "checkpoint.json"))["step"] == step
+    checkpoint = load_file(str(tmp_path / "cut" / f"ckpt-{step:09d}-rank0.safetensors"))
+    assert checkpoint["served"].shape == ((9 if during == "step" else 0) * 64, 2, 64)  # 16 batches served, 7 trained on
     monkeypatch.undo()
     train_sae.main(["--resume", str(tmp_path / "cut")])
     for layer in (0, 2):
@@ -2148,16 +2216,41 @@ def test_a_signal_stops_after_the_step_and_resumes_mid_buffer(tiny, tmp_path, mo
         assert all(torch.equal(whole[k], cut[k]) for k in whole), layer
 
 
+def two_signals_in_one_operation():
+    """Two SIGINTs, 20 ms apart, while this thread is in one torch operation (Python runs a
+    handler only between operations, so it sees them as one call)."""
+    def send():
+        for _ in range(2):
+            time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGINT)
+    sender = threading.Thread(target=send)
+    sender.start()
+    torch.ones(2500, 2500) @ torch.ones(2500, 2500)  # about 0.3 s or more on 2 cores, in C
+    sender.join()
+
+
 @pytest.mark.parametrize("at_step, note", [(20, "the checkpoint of step 16 is kept: continue with --resume"),
                                            (3, "no checkpoint was written yet: start again")])
 def test_a_second_signal_quits_at_once_with_one_line(tiny, tmp_path, monkeypatch, capsys, at_step, note):
+    """Sent by this process between two operations, or by Ctrl-C twice during one long operation
+    of a refill. A checkpoint that is damaged afterwards is named when --resume reads it."""
     extra = ["--layer", "1", "--buffer", "2048", "--checkpoint_every", "1024"]  # routine checkpoints at refills
-    signal_during_step(monkeypatch, at_step, signal.SIGINT, times=2)
+    if at_step == 20:
+        signal_during_step(monkeypatch, at_step, signal.SIGINT, times=2)
+    else:  # the refill at step 0
+        signal_during_refill(monkeypatch, 12, two_signals_in_one_operation)
     with pytest.raises(SystemExit) as stopped:
         train_sae.main(tiny_args(tiny, tmp_path / "run", *extra, steps=40))
     assert stopped.value.code == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"signal 2 again: quitting without a checkpoint; {note}" + (f" {tmp_path / 'run'}" if at_step == 20 else "")
+    if at_step == 20:
+        path = tmp_path / "run" / "ckpt-000000016-rank0.safetensors"
+        path.write_bytes(path.read_bytes()[:1000])
+        with pytest.raises(ValueError) as e:
+            train_sae.main(["--resume", str(tmp_path / "run")])
+        assert str(e.value).startswith(f"{path}: not a complete safetensors file (") and str(e.value).endswith(
+            "; the run cannot resume from it: no earlier checkpoint is kept; start again with --force")
 
 
 def test_force_leaves_only_the_new_run(tiny, tmp_path, capsys):
@@ -2189,6 +2282,11 @@ def test_resume_from_elsewhere_with_moved_inputs(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"2 file\(s\), but the run read 1"):
         train_sae.main([*resume, "--data", f"{tmp_path / 'moved.bin'},{tokens}"])
     train_sae.main([*resume, "--data", str(tmp_path / "moved.bin")])
+    changed = [{"flag": "data", "was": str(tmp_path / "a" / "tokens.bin"), "now": str(tmp_path / "moved.bin"), "at_step": 21}]
+    settings = json.load(open(tmp_path / "a" / "run" / "run.json"))
+    cfg = json.load(open(tmp_path / "a" / "run" / "blocks.1.hook_resid_pre" / "cfg.json"))
+    assert settings["data"] == cfg["dataset_path"] == str(tmp_path / "moved.bin")
+    assert settings["inputs_changed"] == cfg["training_args"]["inputs_changed"] == changed
     train_sae.main(tiny_args(tiny, tmp_path / "whole", "--layer", "1", "--buffer", "2048", steps=60))
     whole, cut = (sae_weights(tmp_path / run / "blocks.1.hook_resid_pre") for run in ("whole", "a/run"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
@@ -2201,6 +2299,27 @@ def test_what_a_run_prints_while_it_starts(tiny, tmp_path):
     for line in ("filling the first half of the buffer: ", "layer 1: b_dec starts at the geometric median of 256 activations",
                  "expected time for the remaining 9 steps: ", "checkpoint: step 4, ", f"MB in {tmp_path / 'run'}"):
         assert line in err, (line, err)
+
+
+def test_slow_steps_and_refills_print_by_time(tiny, tmp_path, monkeypatch, capsys):
+    """A line at least every LOG_SECONDS whatever --log_every (here 0 s: every step), and a
+    refill's progress line once it has taken REFILL_QUIET (here 0 s: every refill)."""
+    monkeypatch.setattr(runs, "LOG_SECONDS", 0)
+    monkeypatch.setattr(runs, "REFILL_QUIET", 0)
+    train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", "--log_every", "1000", steps=12))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == list(range(1, 13))
+    assert capsys.readouterr().err.count("refilling the buffer: 256.0/256.0 tokens (100%)") == 3  # at steps 0, 4, 8
+
+
+def test_short_runs_warm_up_over_a_tenth(capsys):
+    """The lr warm-up, like the dead window, scales down for short runs; an explicit one over half
+    the run says where the lr ends."""
+    assert train_sae.parse_args([]).lr_warmup == 5000  # Bloom's: 73,242 steps
+    assert train_sae.parse_args(["--tokens", str(292 * 4096)]).lr_warmup == 29
+    args = train_sae.parse_args(["--tokens", str(292 * 4096), "--lr_warmup", "5000"])
+    train_sae.check_args(args)
+    assert capsys.readouterr().err == ("note: --lr_warmup 5000 is over half of this 292-step run, which ends at lr "
+                                       "2.3e-05\n")
 
 
 def test_a_run_of_more_than_a_day_says_so_at_the_start(tiny, tmp_path, monkeypatch, capsys):

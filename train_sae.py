@@ -54,7 +54,8 @@ p.add_argument("--d_sae", type=int, default=24576, help="features per SAE")
 p.add_argument("--tokens", type=int, default=300_000_000, help="training tokens (activations) per SAE")
 p.add_argument("--batch", type=int, default=4096, help="activations per optimizer step")
 p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: relu 4e-4; topk, batchtopk 2e-3)")
-p.add_argument("--lr_warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
+p.add_argument("--lr_warmup", type=int, default=None,
+               help="steps of linear lr warm-up (default: 5,000, or a tenth of the run if that is less)")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
 p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
                help="relu: ReLU and an L1 penalty; topk: each token's k largest pre-activations; batchtopk: the "
@@ -116,10 +117,13 @@ def parse_args(argv=None):
         args.layer, args.model_name = str(about["layer"]), about["model"]
     elif args.activations:
         args.model_name = "unknown"  # not gpt2: nothing says it is
-    args.layer = args.layer or "9"
+    args.layer = "9" if args.layer is None else args.layer
     if args.lr is None:  # relu: Bloom's; topk and batchtopk: measured on real activations (docs/results.md)
         args.lr = 4e-4 if args.arch == "relu" else 2e-3
-    if args.dead_tokens is None:  # short runs revive too: a 488-step run would never see 5,000 steps
+    # Short runs warm up and revive too: a 488-step run would never see 5,000 steps.
+    if args.lr_warmup is None:
+        args.lr_warmup = min(5000, args.tokens // max(1, args.batch) // 10)
+    if args.dead_tokens is None:
         args.dead_tokens = min(5000 * 4096 if args.arch == "relu" else 10_000_000, args.tokens // 10)
     return args
 
@@ -463,14 +467,19 @@ def train(args):
                     runs.save_checkpoint(args.out, trainees, kept, kept[:0], gen, source, step, args)
                     last_checkpoint = step
                 tick = time.time()
-                kept, served = refill(kept, source, gen, args)
+                try:
+                    kept, served = refill(kept, source, gen, args, stop)
+                except runs.Interrupted:  # a signal while GPT-2 refills the buffer: stop now, as before it
+                    runs.save_checkpoint(args.out, trainees, kept, kept[:0] if served is None else served, gen, source,
+                                         step, args)
+                    runs.exit_stopped(stop, step, args.out)
                 log.refilled(tick)
                 if args.resample:
                     for j, t in enumerate(trainees):
                         resample_dead(t, served[:16384, j] * t.scale, args, step)
             x, served = served[:args.batch], served[args.batch:]               # [batch, layers, d]
             x = runs.my_share(x) if shared else x                               # this rank's slice
-            logging = (step + 1) % args.log_every == 0 or step + 1 == total
+            logging = log.due(step)
             tick = time.time()
             records = [train_step(t, x[:, j], step, args, autocast, logging, shared) for j, t in enumerate(trainees)]
             step += 1
@@ -485,10 +494,12 @@ def train(args):
     return trainees
 
 
-def refill(kept, source, gen, args):
-    """The seed's mixing buffer: the kept half and a fresh one, shuffled; returns (kept, served)."""
+def refill(kept, source, gen, args, stop):
+    """The seed's mixing buffer: the kept half and a fresh one, shuffled; returns (kept, served).
+    A progress line if GPT-2's forwards take over 5 s; a signal during them stops the run."""
     half = len(kept)
-    mixed = torch.cat([kept, source.next(half)])                             # [2 half, layers, d]
+    fresh = runs.fill(source, half, "refilling the buffer", runs.REFILL_QUIET, stop)
+    mixed = torch.cat([kept, fresh])                                         # [2 half, layers, d]
     mixed = mixed[torch.randperm(2 * half, generator=gen, device=args.device)]
     return mixed[:half], mixed[half:][:half // args.batch * args.batch]
 
@@ -568,14 +579,20 @@ def check_args(args):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
+    for flag, archs in ARCH_FLAGS.items():  # a recipe's flag given to another would be ignored
+        if args.arch not in archs and getattr(args, flag) != p.get_default(flag):
+            raise ValueError(f"--{flag} {getattr(args, flag)}: a flag of --arch {' and '.join(archs)}, not of {args.arch}")
     if args.arch != "relu" and not 1 <= args.k <= args.d_sae:
         raise ValueError(f"--k {args.k}: expected 1..{args.d_sae} (--d_sae)")
     if args.k_aux < 1 or args.auxk_coef < 0:
         raise ValueError(f"--k_aux {args.k_aux} --auxk_coef {args.auxk_coef}: expected k_aux >= 1 and auxk_coef >= 0")
     if not 0 < args.threshold_rate <= 1:
         raise ValueError(f"--threshold_rate {args.threshold_rate}: expected a rate in (0, 1]")
-    if args.tokens < args.batch:
+    if args.tokens < args.batch and not args.save_activations:
         raise ValueError(f"--tokens {args.tokens}: expected at least one batch ({args.batch})")
+    if args.lr_warmup > args.tokens // args.batch // 2 and not args.resume:
+        print(f"note: --lr_warmup {args.lr_warmup} is over half of this {args.tokens // args.batch:,}-step run, which "
+              f"ends at lr {lr_at(args.tokens // args.batch - 1, args):.2g}", file=sys.stderr)
     if args.kernels == "triton":  # refused before any work; auto is settled once the shape is known
         kernels.choose("triton", args.device, args.arch, None, None, None)
     if args.buffer < 2 * args.batch:
@@ -584,6 +601,11 @@ def check_args(args):
     if (args.activations or args.save_activations) and len(layers) != 1:
         raise ValueError(f"--layer {args.layer}: expected one layer with --activations or --save_activations")
     return layers
+
+
+ARCH_FLAGS = {"l1": ("relu",), "l1_warmup": ("relu",), "loss": ("relu",), "ghost_grads": ("relu",),
+              "k": ("topk", "batchtopk"), "auxk_coef": ("topk", "batchtopk"), "k_aux": ("topk", "batchtopk"),
+              "threshold_rate": ("batchtopk",)}
 
 
 def matmul_precision(args):  # auto: bf16 on CUDA; fp32 elsewhere (CPU, Apple's MPS)
@@ -600,6 +622,8 @@ def make_autocast(args):
 def make_source(args, layers, keep, autocast):
     """Where the activations come from: an activation file, or GPT-2 forwards over the corpus."""
     if args.activations:  # every rank reads the rows itself
+        runs.note_unused(args, p, ("data", "weights", "ctx", "exclude_bos", "gpt2_batch", "compile"),
+                         "with --activations: its rows are the SAE's inputs")
         source = data.FileSource(args.activations, args.center, args.device)
         if args.model_name == "unknown" and runs.RANK == 0:
             print(f"note: {args.activations} has no {os.path.basename(data.about_path(args.activations))} beside it "
@@ -617,11 +641,12 @@ def make_source(args, layers, keep, autocast):
 
 
 def save_activations(args):
-    """--save_activations: --tokens raw (uncentred) residuals of one layer, for --activations."""
-    layers = check_args(args)
-    if not args.save_activations.endswith(".npy"):
-        raise ValueError(f"--save_activations {args.save_activations}: expected a .npy path")
-    for target in (args.save_activations, data.about_path(args.save_activations)):
+    """--save_activations: --tokens raw (uncentred) residuals of one layer, for --activations; or
+    the first --tokens rows of an --activations file, whose .json's provenance is carried over."""
+    layers, path = check_args(args), args.save_activations
+    if not path.endswith(".npy") or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"--save_activations {path}: expected a .npy path in a folder that exists")
+    for target in (path, data.about_path(path)):
         if os.path.exists(target) and not args.force:
             raise ValueError(f"{target} exists: pass --force to overwrite it")
     if runs.WORLD > 1:
@@ -630,9 +655,14 @@ def save_activations(args):
     source = make_source(args, layers, layers, make_autocast(args))
     settings = runs.recorded(args)
     about = {"model": args.model_name, "hook_name": data.hook_name(layers[0]), "layer": layers[0], "d": source.d,
-             "rows": args.tokens, "centered": False, "weights": settings["weights"] or gpt2.GPT2_URL,
-             "data": settings["data"], "ctx": args.ctx, "exclude_bos": args.exclude_bos, "seed": args.seed}
-    gpt2.write_activations(args.save_activations, source, args.tokens, args.buffer // 2, about)
+             "centered": False, "weights": settings["weights"] or gpt2.GPT2_URL, "data": settings["data"],
+             "ctx": args.ctx, "exclude_bos": args.exclude_bos, "seed": args.seed}
+    if args.activations:
+        if args.tokens > source.n:
+            raise ValueError(f"--tokens {args.tokens:,}: {args.activations} holds only {source.n:,} rows")
+        about = {**(data.read_about(args.activations) or {k: about[k] for k in ("model", "hook_name", "layer", "d")}),
+                 "copied_from": settings["activations"]}
+    gpt2.write_activations(path, source, args.tokens, args.buffer // 2, {**about, "rows": args.tokens})
 
 
 def main(argv=None):
