@@ -1,7 +1,6 @@
 """
-Plumbing: the inputs, and the lines that report on reading them. Nothing here knows what an
-SAE is. In order: progress lines; files (downloads, atomic writes, safetensors); GPT-2's tokens,
-cut into contexts; activation files, and the .json beside each that says what it holds.
+Plumbing for the inputs, knowing nothing of SAEs: progress lines; files (downloads, atomic writes,
+safetensors); GPT-2's tokens, cut into contexts; activation files, and the .json beside each.
 """
 
 import contextlib
@@ -15,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,65 +29,47 @@ from safetensors.torch import load_file
 # Progress lines.
 
 def progress(label, done, total, t0, unit="B"):
-    """One self-overwriting line on stderr: 12.3 MB, 12.3k tokens, and the time so far. The counts
-    are scaled by the total (or by `done`, without one), the rate by itself, so slow progress does
-    not show as 0.0."""
+    """One self-overwriting line on stderr. The rate is scaled by itself, not the total: slow progress never shows 0.0."""
     rate = done / max(time.time() - t0, 1e-9)
     (scale, prefix), (rate_scale, rate_prefix) = si_prefix(total or done), si_prefix(rate)
-    if len(unit) == 1:
-        of = f"/{total / scale:,.1f}" if total else ""
-        count, speed = f"{done / scale:,.1f}{of} {prefix}{unit}", f"{rate / rate_scale:.2f} {rate_prefix}{unit}/s"
-    else:
-        of = f"/{total / scale:,.1f}{prefix}" if total else ""
-        count, speed = f"{done / scale:,.1f}{prefix}{of} {unit}", f"{rate / rate_scale:.2f}{rate_prefix} {unit}/s"
+    # A word leaves the prefixes on the numbers (12.3k/50.0k tokens); a symbol takes one (12.3/50.0 MB).
+    (p, rp), (up, rup) = ((prefix, rate_prefix), ("", "")) if len(unit) > 1 else (("", ""), (prefix, rate_prefix))
+    of = f"/{total / scale:,.1f}{p}" if total else ""
+    count, speed = f"{done / scale:,.1f}{p}{of} {up}{unit}", f"{rate / rate_scale:.2f}{rp} {rup}{unit}/s"
     share = f" ({100 * done / total:.0f}%)" if total else ""
     print(f"\r{label}: {count}{share} at {speed}, {duration(time.time() - t0)}  ", end="", file=sys.stderr, flush=True)
 
 
-class Progress:
-    """A progress line redrawn every `every` seconds by a thread, however long the caller's work
-    takes between updates (a GPT-2 forward on CPU can take a minute); nothing at all for work done
-    within `quiet` seconds. Set .done as work is done; on a normal exit the line is drawn a last
-    time and ended (an exception leaves the line to whoever reports it)."""
+@contextlib.contextmanager
+def progress_line(label, total, unit="B", quiet=0.0, every=2.0):
+    """A line a thread redraws every `every` seconds however long the caller's work between updates (a GPT-2
+    forward on CPU can take a minute), once `quiet` seconds have passed. The caller sets .done; a normal exit ends it."""
+    shown, stop = types.SimpleNamespace(done=0, total=total, t0=time.time(), drawn=False), threading.Event()
 
-    def __init__(self, label, total, unit="B", quiet=0.0, every=2.0, on=True):
-        self.args, self.done, self.drawn, self.on = (label, total, unit), 0, False, on
-        self.every, self.quiet, self.stop = every, quiet, threading.Event()
-        self.thread = threading.Thread(target=self.tick, daemon=True)
+    def draw():
+        progress(label, shown.done, total, shown.t0, unit)
+        shown.drawn = True
 
-    def tick(self):
-        while not self.stop.wait(self.every if self.drawn or not self.quiet else self.quiet):
-            self.draw()
-
-    def draw(self):
-        label, total, unit = self.args
-        progress(label, self.done, total, self.t0, unit)
-        self.drawn = True
-
-    def __enter__(self):
-        self.t0 = time.time()
-        if not self.on:
-            return self
-        self.thread.start()
-        if not self.quiet:
-            self.draw()
-        return self
-
-    def __exit__(self, kind, *_):
-        self.stop.set()
-        if self.on:
-            self.thread.join()
-        if kind is None and self.drawn:
-            self.draw()
-            print(file=sys.stderr)
+    def redraw():
+        while not stop.wait(every if shown.drawn or not quiet else quiet):
+            draw()
+    shown.draw, thread = draw, threading.Thread(target=redraw, daemon=True)
+    thread.start()
+    if not quiet:
+        draw()
+    try:
+        yield shown
+    finally:
+        stop.set()
+        thread.join()
+    if shown.drawn:
+        draw()
+        print(file=sys.stderr)
 
 
 def si_prefix(x):
     """(scale, prefix) that shows x with one to three digits before the point: (1e6, "M")."""
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= scale:
-            return scale, prefix
-    return 1, ""
+    return next(((s, p) for s, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if x >= s), (1, ""))
 
 
 def duration(seconds):
@@ -102,9 +84,7 @@ def default_cache_dir():
 
 
 def download(url, path, size=None, sha256=None, retries=5):
-    """Fetch `url` to `path` unless it is there: checks the size (given, or the server's) and the
-    SHA-256 when given; resumes a broken transfer from `path + '.part'`, now or on a later call;
-    deletes a file that fails a check. Retries only what a retry can mend: not a refusal."""
+    """Fetch `url` to `path` unless it is there, resuming from `path + '.part'`; a size or SHA-256 mismatch deletes it."""
     if os.path.exists(path):
         return path
     part, name = path + ".part", os.path.basename(path)
@@ -113,18 +93,16 @@ def download(url, path, size=None, sha256=None, retries=5):
     for attempt in range(retries + 1):
         try:
             total = fetch_rest(url, part, name)
+            if total is None or os.path.getsize(part) >= total:
+                break
+            print(f"\n{name}: the server closed early; resuming", file=sys.stderr)
         except (OSError, http.client.HTTPException) as e:  # refused, timed out, or cut mid-body
-            why = lasting_failure(url, e)
-            if why:
+            if why := lasting_failure(url, e):
                 raise OSError(why + resume()) from None
             if attempt == retries:
                 raise OSError(f"download of {url} failed ({e}) after {tries}{resume()}") from None
             print(f"\n{name}: transfer broke ({e}); resuming", file=sys.stderr)
             time.sleep(min(2 ** attempt - 1, 30))
-            continue
-        if total is None or os.path.getsize(part) >= total:
-            break
-        print(f"\n{name}: the server closed early; resuming", file=sys.stderr)
     else:
         raise OSError(f"download of {url} is incomplete after {tries}{resume()}")
     got, want = os.path.getsize(part), size or total
@@ -138,8 +116,7 @@ def download(url, path, size=None, sha256=None, retries=5):
 
 
 def lasting_failure(url, e):
-    """Why the request failed, in one line, when a retry cannot help (no network, no such host,
-    nothing listening, the server says no); None when it can (a cut, a timeout, a server error)."""
+    """Why the request failed when a retry cannot help (no network, no such host, nothing listening, a 4xx)."""
     host = urllib.parse.urlsplit(url).hostname
     if isinstance(e, urllib.error.HTTPError):
         return None if e.code >= 500 or e.code == 429 else f"download of {url} failed: HTTP {e.code} {e.reason}"
@@ -150,7 +127,6 @@ def lasting_failure(url, e):
         return f"cannot reach {host}: connection refused"
     if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
         return f"cannot reach {host}: {reason.strerror} (no network?)"
-    return None
 
 
 def fetch_rest(url, part, name):
@@ -164,22 +140,15 @@ def fetch_rest(url, part, name):
             return int(e.headers.get("Content-Range", "*/0").rsplit("/", 1)[1])
         raise
     with r:
-        if r.status == 206:  # a resume: 'Content-Range: bytes START-END/TOTAL'
-            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
-        else:  # the whole file, from the start, whatever we asked for
-            length = r.headers.get("Content-Length")  # absent when the server streams in chunks
-            have, total = 0, int(length) if length else None
-        t0, last = time.time(), 0.0
+        resumed = r.status == 206  # 'Content-Range: bytes START-END/TOTAL'; else the whole file, whatever we asked for
+        size = r.headers["Content-Range"].rsplit("/", 1)[1] if resumed else r.headers.get("Content-Length")
+        have, total = have if resumed else 0, int(size) if size else None  # no Content-Length: streamed in chunks
         os.makedirs(os.path.dirname(os.path.abspath(part)), exist_ok=True)  # only now: a refusal leaves no folder
-        with open(part, "ab" if have else "wb") as f:
+        with open(part, "ab" if have else "wb") as f, progress_line(name, total, every=0.5) as shown:
+            shown.done = have
             while chunk := r.read(1 << 20):
                 f.write(chunk)
-                have += len(chunk)
-                if time.time() - last > 0.5:
-                    progress(name, have, total, t0)
-                    last = time.time()
-    progress(name, have, total, t0)
-    print(file=sys.stderr)
+                shown.done += len(chunk)
     return total
 
 
@@ -192,8 +161,7 @@ def file_sha256(path):
 
 
 def replace_folder(tmp, path):
-    """Put the complete folder tmp in place of path by two renames, the old one moved aside first
-    and deleted last, so that one whole copy always exists."""
+    """Put the complete folder tmp in place of path: the old one moved aside first, deleted last."""
     shutil.rmtree(path + ".old", ignore_errors=True)  # left by a crash in an earlier call
     if os.path.exists(path):
         os.replace(path, path + ".old")
@@ -228,16 +196,9 @@ def write_atomically(path, text):
 
 
 def load_safetensors(path):
-    """Every tensor of a safetensors file (never a pickle), or one line on a file that is
-    truncated or not safetensors at all."""
+    """Every tensor of a safetensors file (never a pickle); one line on a truncated or foreign file."""
     with open_safetensors(path):  # reads the header: a truncated file fails there
         return load_file(path)
-
-
-def safetensors_shapes(path):
-    """{name: shape} of a safetensors file's tensors, from its header alone."""
-    with open_safetensors(path) as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 @contextlib.contextmanager
@@ -251,10 +212,7 @@ def open_safetensors(path):
         raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
 
 # -----------------------------------------------------------------------------
-# Tokens. A corpus is a list of shards, each a 1-D uint16 array of GPT-2 token ids, memory-
-# mapped, in which every document begins with <|endoftext|>. The default is FineWeb-10B in GPT-2
-# tokens, as published for modded-nanogpt (kjj0/fineweb10B-gpt2). Bloom trained on OpenWebText,
-# which is not published pre-tokenized; nanoGPT's `train.bin` of it loads as a local file.
+# Tokens. A shard is a memory-mapped 1-D uint16 array of GPT-2 token ids; every document begins with BOS.
 
 BOS = 50256  # <|endoftext|>: GPT-2's only special token, used as beginning-of-sequence
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c / modded-nanogpt header
@@ -264,8 +222,7 @@ TEXT_PIECE_CHARS = 1 << 22  # text is tokenized in pieces of about this many cha
 
 
 def read_shard(path, cache_dir=None):
-    """A .bin (with the llm.c header, or raw uint16 as nanoGPT writes), .npy or .txt file as a
-    memory-mapped uint16 array. A .txt is tokenized once into a cached .bin."""
+    """A .bin (llm.c's header, or raw as nanoGPT writes), .npy or .txt (tokenized once) as a uint16 memmap."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"token file not found: {path}")
     if path.endswith(".txt"):
@@ -298,41 +255,31 @@ def read_shard(path, cache_dir=None):
 
 def write_shard(path, tokens):
     """Write tokens as an llm.c-format shard, atomically."""
-    tokens = np.asarray(tokens, dtype=np.uint16)
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     with open(path + ".tmp", "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
     os.replace(path + ".tmp", path)
 
 
 def tokenize_text(path, cache_dir=None):
-    """Tokenize a UTF-8 text file, in which documents are separated by <|endoftext|>, into a
-    cached shard; return the shard's path. Reads in pieces, with progress, so size is no limit."""
-    st = os.stat(path)
+    """The path of a UTF-8 text file's cached shard, tokenized in pieces (so size is no limit) if new."""
+    st, name = os.stat(path), os.path.basename(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = os.path.join(cache_dir or default_cache_dir(), "tokens", f"{os.path.basename(path)}.{key}.bin")
+    out = os.path.join(cache_dir or default_cache_dir(), "tokens", f"{name}.{key}.bin")
     if os.path.exists(out):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    enc = tokenizer()
-    pieces, done, t0, last = [np.array([BOS], np.uint16)], 0, time.time(), time.time()
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
+    enc, pieces = tokenizer(), [np.array([BOS], np.uint16)]
+    try:  # no progress line for a quick file
+        with open(path, encoding="utf-8", newline="") as f, progress_line(f"tokenizing {name}", st.st_size, quiet=1) as line:
             while text := f.read(TEXT_PIECE_CHARS):
-                # End the piece at a line end, so that no word or separator is cut. (A run of
-                # blank lines across the cut can split into other tokens; decoding is unchanged.)
-                text += f.readline()
+                text += f.readline()  # no word or separator is cut (blank lines may be: decoding is unchanged)
                 pieces.append(np.array(enc.encode(text, allowed_special={"<|endoftext|>"}), np.uint16))
-                done += len(text.encode())
-                if time.time() - last > 1:
-                    progress(f"tokenizing {os.path.basename(path)}", done, st.st_size, t0)
-                    last = time.time()
+                line.done += len(text.encode())
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if time.time() - t0 > 1:
-        print(file=sys.stderr)
     write_shard(out, np.concatenate(pieces))
     return out
 
@@ -343,10 +290,9 @@ def tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests' errors when offline, a hash mismatch, an unreadable cache
-        where = os.environ.get("TIKTOKEN_CACHE_DIR")
-        raise ValueError(f"cannot load GPT-2's tokenizer ({type(e).__name__}): with network, tiktoken fetches it "
-                         f"once by itself; offline, set TIKTOKEN_CACHE_DIR (now {where or 'unset'}) to a folder "
-                         f"holding tiktoken's copies of vocab.bpe and encoder.json, named "
+        raise ValueError(f"cannot load GPT-2's tokenizer ({type(e).__name__}): with network, tiktoken fetches it once by "
+                         f"itself; offline, set TIKTOKEN_CACHE_DIR (now {os.environ.get('TIKTOKEN_CACHE_DIR') or 'unset'}) "
+                         f"to a folder holding tiktoken's copies of vocab.bpe and encoder.json, named "
                          f"6d1cbeee0f20b3d9449abfede4726ed8212e3aee and 6c7ea1a7e38e3a7f062df639a5b80947f075ffe6") from None
 
 
@@ -362,10 +308,8 @@ def fineweb_shard(split, i, cache_dir=None):
 
 
 def corpus(source="fineweb", split="train", ctx=128, cache_dir=None):
-    """A corpus's shards as functions, for Contexts: FineWeb's, downloaded when the stream reaches
-    them, or token files (a list, or --data's string), each checked now, so a bad one fails at
-    once. "eval" is FineWeb's validation shard, or the last 1% (at least one) of each file's
-    windows, never in "train". Says on stderr what the split holds."""
+    """Shards as functions, for Contexts: FineWeb's, fetched when the stream reaches them, or token files (a list,
+    or --data's string), each checked now. "eval" is FineWeb's validation shard or each file's last 1% of windows."""
     if split not in ("train", "eval"):
         raise ValueError(f"split {split!r}, expected 'train' or 'eval'")
     what = "held-out" if split == "eval" else "training"
@@ -391,34 +335,25 @@ def local_split(path, split, ctx, cache_dir):
 
 
 class Contexts:
-    """Rows of [BOS] + a window of ctx-1 corpus tokens. With a seed, the stream is endless: each
-    epoch visits every window once, in an order fixed by (seed, epoch, shard). Without one
-    (held-out data), it is one pass in file order. state_dict() is the position."""
+    """Rows of [BOS] + a window of ctx-1 tokens of corpus()'s shards (it refuses an empty corpus). With a seed,
+    endless: each epoch visits every window once, in an order fixed by (seed, epoch, shard); else one pass."""
 
     def __init__(self, shards, ctx=128, seed=None, vocab_size=50257):
-        if not shards:
-            raise ValueError("empty corpus: no token files given")
         self.shards, self.ctx, self.seed, self.vocab_size = shards, ctx, seed, vocab_size
         self.epoch, self.shard, self.pos = 0, 0, 0  # the position: the next window to serve
         self.opened = None  # (epoch, shard, tokens, window order) of the shard being read
 
-    def windows(self):
-        if self.opened is None or self.opened[:2] != (self.epoch, self.shard):
-            tokens = self.shards[self.shard]()
-            n = len(tokens) // (self.ctx - 1)
-            order = (np.arange(n) if self.seed is None else
-                     np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(n))
-            self.opened = (self.epoch, self.shard, tokens, order)
-        return self.opened[2], self.opened[3]
-
     def next(self, n):
         """The next n contexts as token ids [n, ctx] (int64); at the end of a single pass, fewer."""
-        rows, empty_shards = [np.zeros((0, self.ctx - 1), np.uint16)], 0
+        rows = [np.zeros((0, self.ctx - 1), np.uint16)]
         while n and (self.seed is not None or self.epoch == 0):
-            tokens, order = self.windows()
-            empty_shards = empty_shards + 1 if len(order) == 0 else 0
-            if empty_shards == len(self.shards):
-                raise ValueError(f"empty corpus: no file holds a context of {self.ctx - 1} tokens")
+            if self.opened is None or self.opened[:2] != (self.epoch, self.shard):
+                tokens = self.shards[self.shard]()
+                n_windows = len(tokens) // (self.ctx - 1)
+                order = (np.arange(n_windows) if self.seed is None else
+                         np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(n_windows))
+                self.opened = (self.epoch, self.shard, tokens, order)
+            tokens, order = self.opened[2:]
             take = order[self.pos:self.pos + n]  # window numbers
             idx = take[:, None] * (self.ctx - 1) + np.arange(self.ctx - 1)  # [k, ctx-1] token offsets
             rows.append(np.asarray(tokens[idx]))  # a gather from the memory map
@@ -442,8 +377,7 @@ class Contexts:
         self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
 
 # -----------------------------------------------------------------------------
-# Activation files: rows [N, d] of one hook's activations (.npy or one-tensor .safetensors), and
-# beside each a .json (model, hook, layer, d, ...) that labels an SAE trained on them.
+# Activation files: [N, d] rows of one hook (.npy, or one-tensor .safetensors), and the .json beside each.
 
 def hook_name(layer):
     return f"blocks.{layer}.hook_resid_pre"
@@ -465,8 +399,7 @@ def read_about(path):
 
 
 class FileSource:
-    """An activation file's rows, memory-mapped, read in order and from the start again at the
-    end, as [n, 1, d]; each checked, since a NaN or Inf would surface as a diverged run."""
+    """An activation file's rows as [n, 1, d], memory-mapped, in a loop; checked: a NaN would surface as a diverged run."""
 
     def __init__(self, path, center, device):
         if not os.path.isfile(path):
@@ -478,16 +411,14 @@ class FileSource:
         except (ValueError, EOFError, SafetensorError) as e:
             raise ValueError(f"{path}: not a complete {os.path.splitext(path)[1]} file ({e})") from None
         if path.endswith(".npy"):
-            self.rows = f
-            shape, self.read = self.rows.shape, lambda a, b: torch.from_numpy(np.array(self.rows[a:b]))
+            shape, dtype, self.read = f.shape, str(f.dtype), lambda a, b: torch.from_numpy(np.array(f[a:b]))
+        elif len(f.keys()) != 1:
+            raise ValueError(f"{path}: {len(f.keys())} tensors, expected one [N, d] tensor")
         else:
-            if len(f.keys()) != 1:
-                raise ValueError(f"{path}: {len(f.keys())} tensors, expected one [N, d] tensor")
             self.rows = f.get_slice(next(iter(f.keys())))
-            shape, self.read = self.rows.get_shape(), lambda a, b: self.rows[a:b]
+            shape, dtype, self.read = self.rows.get_shape(), self.rows.get_dtype(), lambda a, b: self.rows[a:b]
         if len(shape) != 2 or shape[0] == 0:
             raise ValueError(f"{path}: shape {list(shape)}, expected [N, d] with N > 0")
-        dtype = str(self.rows.dtype) if path.endswith(".npy") else self.rows.get_dtype()
         if dtype not in ("float16", "float32", "float64", "F16", "BF16", "F32", "F64"):
             raise ValueError(f"{path}: {dtype} rows, expected floating-point activations")
         self.n, self.d = shape

@@ -87,7 +87,14 @@ def find_sae_folders(paths, cache_dir=None):
             folders += [(os.path.join(path, s),) * 2 for s in subs]
         else:
             raise FileNotFoundError(f"no such folder: {path}")
-    return folders
+    seen, unique = set(), []  # one SAE named twice (runs/L9 and runs/L9/blocks.9...) is evaluated once
+    for name, folder in folders:
+        if os.path.realpath(folder) in seen:
+            print(f"note: {name} given twice; evaluated once", file=sys.stderr)
+        else:
+            seen.add(os.path.realpath(folder))
+            unique.append((name, folder))
+    return unique
 
 
 def load_sae(folder, d_model=None, gpt2_only=False):
@@ -131,6 +138,9 @@ def load_sae(folder, d_model=None, gpt2_only=False):
     if any(w[name].shape != shapes[name] for name in keys):
         raise ValueError(f"{folder}: weights of shapes {[list(w[name].shape) for name in keys]}, expected "
                          f"{[list(shapes[name]) for name in keys]} with m = {m}")
+    for name in keys:
+        if not torch.isfinite(w[name]).all():
+            raise ValueError(f"{folder}: sae_weights.safetensors's {name} holds NaN or Inf; expected finite weights")
     if arch == "topk" and k > m:
         raise ValueError(f"{folder}: cfg.json has k {k}, expected at most d_sae {m}")
     sae = SAE(d, m, arch={"standard": "relu"}.get(arch, arch), k=k)
@@ -152,50 +162,64 @@ def sae_input(x, center):
 # -----------------------------------------------------------------------------
 # The two passes over the held-out contexts.
 
-def held_out_batches(args, label):
+PASSES = {1: "eval pass 1 of 2 (means, firing counts)", 2: "eval pass 2 of 2 (metrics, examples)"}
+
+
+def held_out_batches(args, which):
     """The same contexts on every call: [batch, ctx] token ids, --tokens of them in all, or
-    all of the held-out split when it is smaller."""
+    all of the held-out split when it is smaller. The progress line is redrawn every 2 s: on CPU
+    one batch of pass 2 can take a minute."""
     stream = data.Contexts(args.shards, args.ctx)
-    done, t0, shown = 0, time.time(), 0.0
-    while done < args.tokens:
-        idx = stream.next(min(args.batch, math.ceil((args.tokens - done) / args.ctx)))
-        if len(idx) == 0:
-            break  # the held-out split is smaller than asked
-        done += idx.numel()
-        yield idx.to(args.device)
-        if time.time() - shown > 1:
-            data.progress(label, done, args.tokens, t0, unit="tokens")
-            shown = time.time()
-    data.progress(label, done, args.tokens, t0, unit="tokens")
-    print(file=sys.stderr)
+    # The first batch opens the shard (FineWeb's downloads, with its own line) before this line shows.
+    idx = stream.next(min(args.batch, math.ceil(args.tokens / args.ctx)))
+    with data.progress_line(PASSES[which], args.tokens, unit="tokens") as shown:
+        while len(idx):  # empty once --tokens are done, or at the end of a smaller held-out split
+            yield idx.to(args.device)
+            shown.done += idx.numel()
+            expected_time(shown, idx.numel(), which, args)
+            idx = stream.next(min(args.batch, math.ceil((args.tokens - shown.done) / args.ctx)))  # 0 when done
 
 
-def activation_rows(args, label):
+def activation_rows(args, which):
     """The rows of --activations [n, d], in order, --tokens of them in all (or the whole file
     when it is smaller), each checked as training reads them (no NaN or Inf)."""
     rows = data.FileSource(args.activations, center=False, device=args.device)
-    total, done, t0, shown = min(rows.n, args.tokens), 0, time.time(), 0.0
-    while done < total:
-        n = min(args.batch * args.ctx, total - done)
-        yield rows.next(n)[:, 0]                                               # [n, d]
-        done += n
-        if time.time() - shown > 1:
-            data.progress(label, done, total, t0, unit="rows")
-            shown = time.time()
-    data.progress(label, done, total, t0, unit="rows")
-    print(file=sys.stderr)
+    total = min(rows.n, args.tokens)
+    with data.progress_line(PASSES[which], total, unit="rows") as shown:
+        while shown.done < total:
+            n = min(args.batch * args.ctx, total - shown.done)
+            yield rows.next(n)[:, 0]                                               # [n, d]
+            shown.done += n
+            expected_time(shown, n, which, args)
 
 
-def residual_batches(model, saes, args, label):
-    """(token ids [b, T], {layer: residual [b, T, d]}) over the evaluation set: GPT-2's residuals
-    on the held-out contexts, or else (no model) rows of --activations, as (None, [1, n, d]) for
-    every SAE."""
+def expected_time(shown, n, which, args):
+    """After a pass's first batch of n, when more follow: one line saying how long the pass will
+    take, and what would shorten the evaluation when it takes over an hour in all."""
+    if shown.done != n or n >= shown.total:
+        return
+    seconds = (time.time() - shown.t0) * shown.total / n
+    line = f"expected time of eval pass {which}: {data.duration(seconds)}"
+    if which == 1:  # pass 2 runs what pass 1 does, and more
+        line += "; pass 2 takes at least as long" + ("" if args.activations else " (it runs GPT-2 to the end once "
+                                                     "per SAE, and for the clean and zero-ablated logits)")
+    if seconds * (3 - which) > 3600:
+        line += (f"; over an hour in all: for a first look, try fewer --tokens (e.g. --tokens 100000)"
+                 f"{'' if args.device.startswith('cuda') else ' or a GPU (--device cuda)'}")
+    print(f"\n{line}\n", end="", file=sys.stderr)  # one write: the progress thread's redraw cannot land inside it
+    shown.draw()  # and the progress line again, below it
+
+
+def residual_batches(model, saes, args, which):
+    """(token ids [b, T], {layer: residual [b, T, d]}) over the evaluation set in pass `which`:
+    GPT-2's residuals on the held-out contexts, or else (no model) rows of --activations, as
+    (None, [1, n, d]) for every SAE."""
     layers = sorted({s["layer"] for s in saes})
     if model is None:
-        for x in activation_rows(args, label):
+        for x in activation_rows(args, which):
             yield None, {L: x[None] for L in layers}
     else:
-        for idx in held_out_batches(args, label):
+        for idx in held_out_batches(args, which):
             yield idx, model.residuals(idx, layers)
 
 
@@ -207,7 +231,7 @@ def first_pass(model, saes, args):
         d, m = s["sae"].W_enc.shape
         s.update(x_sum=torch.zeros(d, dtype=torch.float64, device=args.device), n=0,
                  fires=torch.zeros(m, dtype=torch.long, device=args.device), max_act=torch.zeros(m, device=args.device))
-    for _, resid in residual_batches(model, saes, args, "eval pass 1 of 2 (means, firing counts)"):
+    for _, resid in residual_batches(model, saes, args, 1):
         for s in saes:
             x, _ = sae_input(resid[s["layer"]].flatten(0, 1), s["center"])  # [tokens, d]
             _, f, _ = s["sae"](x)
@@ -228,7 +252,7 @@ def second_pass(model, saes, args):
     keys += ("n_pred", "ce_clean", "ce_sae", "ce_zero", "kl") if model is not None else ()
     for s in saes:
         s["sums"] = {k: torch.zeros((), dtype=torch.float64, device=args.device) for k in keys}
-    for idx, resid in residual_batches(model, saes, args, "eval pass 2 of 2 (metrics, examples)"):  # {L: [b, T, d]}
+    for idx, resid in residual_batches(model, saes, args, 2):  # {L: [b, T, d]}
         if model is not None:
             clean = model.logits_from(resid[layers[-1]], layers[-1])            # [b, T, vocab]
             log_p_clean = F.log_softmax(clean[:, :-1].float(), -1)              # [b, T-1, vocab]
@@ -307,6 +331,8 @@ def main(argv=None):
     # Every check that can fail comes before the slow work: GPT-2's download and the passes.
     runs.check_inputs(args, "tokens", "batch", "top")
     features = dashboard.parse_features(args.features) if args.features else []
+    if args.features and not args.dashboard:
+        raise ValueError(f"--features {args.features}: expected --dashboard too (only dashboards use it)")
     enc = data.tokenizer() if args.dashboard and not args.activations else None
     about = data.read_about(args.activations) if args.activations else None  # what the rows are, if known
     saes = []
@@ -324,18 +350,28 @@ def main(argv=None):
         sae = s["sae"]
         print(f"SAE {s['folder']}: layer {s['layer']}, {sae.arch}{f' k {sae.k}' if sae.arch == 'topk' else ''}, "
               f"d_sae {sae.W_enc.shape[1]:,}{', centred input' if s['center'] else ''}", file=sys.stderr)
+    # GPT-2's sizes from the weights file's header alone (no download): the SAEs' width and layers,
+    # and --ctx, are checked against them before the model loads.
+    cfg = None if args.activations else gpt2.read_config(args.weights)
+    d_model = cfg.n_embd if cfg else data.FileSource(args.activations, center=False, device="cpu").d
+    if cfg and args.ctx > cfg.block_size:
+        raise ValueError(f"--ctx {args.ctx}: expected at most {cfg.block_size}, the longest context of "
+                         f"{args.weights or 'GPT-2 small'}")
+    for s in saes:
+        if cfg:
+            try:
+                gpt2.check_layers([s["layer"]], cfg.n_layer)
+            except ValueError as e:  # the same line, naming the SAE
+                raise ValueError(f"{s['folder']}: {e}") from None
+        if s["sae"].W_enc.shape[0] != d_model:
+            raise ValueError(f"{s['folder']}: an SAE of width {s['sae'].W_enc.shape[0]}, expected "
+                             f"{'the rows of ' + args.activations if cfg is None else 'GPT-2'}'s {d_model}")
     if args.activations:  # no language model: the rows are the residuals
-        model, d_model = None, data.FileSource(args.activations, center=False, device="cpu").d
+        model = None
     else:
         args.shards = data.corpus(args.data, "eval", args.ctx, args.cache_dir)  # opened once, read by both passes
         model = gpt2.from_pretrained(args.weights, args.cache_dir).to(args.device)
-        d_model = model.cfg.n_embd
     for s in saes:
-        if model is not None:
-            gpt2.check_layers([s["layer"]], model.cfg.n_layer)
-        if s["sae"].W_enc.shape[0] != d_model:
-            raise ValueError(f"{s['folder']}: an SAE of width {s['sae'].W_enc.shape[0]}, expected "
-                             f"{'the rows of ' + args.activations if model is None else 'GPT-2'}'s {d_model}")
         s["sae"] = s["sae"].to(args.device)
     first_pass(model, saes, args)
     n = saes[0]["n"]
@@ -349,11 +385,13 @@ def main(argv=None):
     second_pass(model, saes, args)
     rows, files = [], []  # files: (path, text), written together at the end
     for s in saes:
-        result = metrics(s)
+        # JSON has no NaN or Infinity: a metric that is not finite (a row equal to the mean divides by 0) is null.
+        result = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics(s).items()}
         result["settings"] = {"tokens_requested": args.tokens, "ctx": args.ctx, "data": args.data,
                               "activations": args.activations and os.path.abspath(args.activations)}
-        files.append((os.path.join(s["folder"], "eval.json"), json.dumps(result, indent=2)))
-        rows.append([s["name"]] + [fmt.format(result[key]) if key in result else "—" for key, _, fmt in COLUMNS[1:]])
+        files.append((os.path.join(s["folder"], "eval.json"), json.dumps(result, indent=2, allow_nan=False)))
+        rows.append([s["name"]] + [fmt.format(result[key]) if result.get(key) is not None else "—"
+                                   for key, _, fmt in COLUMNS[1:]])
     if args.dashboard:  # each to dashboard.tmp/ now, put in place of dashboard/ with the other files below
         files += [(path, None) for path in dashboard.write_dashboards(saes, model, enc)]
     for path, text in files:  # an interrupted run leaves each old file or folder whole

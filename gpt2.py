@@ -6,10 +6,9 @@ trainer and the evaluation need from the language model.
 2. residuals at any layer under TransformerLens names: layer L is `blocks.L.hook_resid_pre`,
    the input to block L (L = 0..11), and L = 12 is the output of the last block, before ln_f;
 3. per-token cross-entropy, clean or with the residual at one layer replaced (splicing);
-4. loading OpenAI's `model.safetensors` (downloaded once; never a pickle), in its published
-   layout or in transformers' `save_pretrained` layout;
-5. the SAEs' inputs: residuals of GPT-2 forwards over a stream of contexts, for the training
-   buffer or written to an activation file.
+4. loading OpenAI's `model.safetensors` (downloaded once; never a pickle), published or saved
+   by transformers' `save_pretrained`;
+5. the SAEs' inputs: residuals over a stream of contexts, for the buffer or an activation file.
 
 `python gpt2.py` prints the clean model's cross-entropy on held-out tokens: a quick check
 that the weights and the data are right (about 3.3 nats at context 128).
@@ -202,8 +201,7 @@ def read_weights(path):
 
 
 def config_of(shapes, path):
-    """The sizes that a checkpoint's tensor shapes {name: shape} imply. Every GPT-2 has heads of
-    64 dimensions."""
+    """The sizes that a checkpoint's tensor shapes {name: shape} imply (every GPT-2's heads are 64 wide)."""
     for name in ("wte.weight", "wpe.weight"):
         if name not in shapes:
             raise ValueError(f"{path}: missing tensor {name}")
@@ -217,8 +215,8 @@ def read_config(path=None):
     be checked against them before the slow load; OpenAI's GPT-2 small's without a file."""
     if path is None:
         return GPTConfig()
-    data.check_weights_path(path)
-    return config_of({k.removeprefix("transformer."): s for k, s in data.safetensors_shapes(path).items()}, path)
+    with data.open_safetensors(path) as f:
+        return config_of({k.removeprefix("transformer."): f.get_slice(k).get_shape() for k in f.keys()}, path)
 
 
 def copy_weights(model, tensors, path):
@@ -245,16 +243,13 @@ def copy_weights(model, tensors, path):
 
 # -----------------------------------------------------------------------------
 # The SAEs' inputs: residuals of GPT-2 forwards over a stream of contexts, served to the
-# training buffer, or written to an activation file. Under torchrun every rank reads the same
-# contexts but runs GPT-2 on its share of them only (share), and the ranks' residuals are
-# all-gathered (gather), so that every rank holds the rows one process would.
+# training buffer, or written to an activation file.
 
 class ResidualSource:
-    """The next n residual vectors at each of `layers`, from GPT-2 forwards over a stream of
-    contexts, keeping the layers in `keep`. One forward, stopped at the deepest layer, serves
-    every layer. The rows come in stream order whatever the n asked: GPT-2 runs on rounds of
-    `batch` contexts per rank, and the rows of the last round that a call does not take are
-    served by the next. state_dict() and load_state_dict() are that position."""
+    """The next n residuals at each of `layers`, keeping those in `keep`; one forward, stopped at the
+    deepest layer, serves all. Rows come in stream order whatever n is asked: GPT-2 runs on rounds of
+    `batch` contexts per rank (share: this rank's; gather: every rank's rows, as one process has them),
+    and the rows a call leaves are the next call's. state_dict() and load_state_dict() are the place."""
 
     def __init__(self, model, stream, layers, keep, batch, center, exclude_bos, autocast, device,
                  ranks=1, share=lambda idx: idx, gather=lambda x: x):
@@ -276,16 +271,14 @@ class ResidualSource:
         x = self.gather(x[:, int(self.exclude_bos):].flatten(0, 1))[:, self.keep]  # [round_rows, kept, d]
         return x - x.mean(-1, keepdim=True) if self.center else x
 
-    def next(self, n, progress=None):
-        """[n, kept layers, d]; progress(rows ready) after each round, which takes up to a minute
-        on CPU. An interruption (a signal) leaves the position where it was."""
+    def next(self, n, progress=lambda rows: None):
+        """[n, kept layers, d]; progress(rows ready) after each round. An interruption leaves the position."""
         parts, start, position = [] if self.spare is None else [self.spare], self.round_start, self.stream.state_dict()
         try:
             while sum(map(len, parts)) < n:
                 start = self.stream.state_dict()
                 parts.append(self.round())
-                if progress:
-                    progress(min(n, sum(map(len, parts))))
+                progress(min(n, sum(map(len, parts))))
         except BaseException:
             self.stream.load_state_dict(position)
             raise
@@ -294,9 +287,9 @@ class ResidualSource:
         return rows[:n]
 
     def state_dict(self):  # where the last round began and how many of its rows are served, if not all
-        if self.spare is None or not len(self.spare):
-            return {"stream": self.stream.state_dict(), "served": 0}
-        return {"stream": self.round_start, "served": self.round_rows - len(self.spare)}
+        left = 0 if self.spare is None else len(self.spare)
+        return ({"stream": self.round_start, "served": self.round_rows - left} if left else
+                {"stream": self.stream.state_dict(), "served": 0})
 
     def load_state_dict(self, state):
         state = state if "stream" in state else {"stream": state, "served": 0}  # a checkpoint from before rounds
@@ -305,13 +298,13 @@ class ResidualSource:
 
 
 def write_activations(path, source, n, chunk, about):
-    """--save_activations: n rows of source (a ResidualSource of one layer, or a FileSource) to
-    the .npy `path`, chunk rows at a time, and `about` to the .json beside it, which
-    data.read_about reads. Both appear once complete; an interruption deletes the partial file."""
+    """--save_activations: n rows of source (a ResidualSource of one layer, or a FileSource) to the
+    .npy `path`, chunk rows at a time, and `about` to the .json beside it (data.read_about reads
+    it). Both appear once complete; an interruption deletes the partial file."""
     tmp, t0 = path + ".tmp.npy", time.time()
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, source.d))  # [N, d] on disk
     try:
-        with data.Progress(f"residuals of {about['hook_name']}", n, "tokens") as shown:
+        with data.progress_line(f"residuals of {about['hook_name']}", n, "tokens") as shown:
             for a in range(0, n, chunk):
                 b = min(a + chunk, n)
                 out[a:b] = source.next(b - a, lambda rows: setattr(shown, "done", a + rows))[:, 0].cpu().numpy()
@@ -331,8 +324,7 @@ def write_activations(path, source, n, chunk, about):
 # `python gpt2.py`
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Cross-entropy of GPT-2 small on held-out tokens.",
-                                formatter_class=runs.HelpFormatter)
+    p = argparse.ArgumentParser(description="Cross-entropy of GPT-2 on held-out tokens.", formatter_class=runs.HelpFormatter)
     runs.add_input_flags(p)  # --data, --weights, --cache_dir, --device, --ctx
     p.add_argument("--tokens", type=int, default=1 << 18, help="held-out tokens to score")
     p.add_argument("--batch", type=int, default=32, help="contexts per forward")
@@ -341,14 +333,13 @@ def main(argv=None):
     stream = data.Contexts(data.corpus(args.data, "eval", args.ctx, args.cache_dir), args.ctx)
     idx = stream.next(args.batch)  # read the data before the model, so bad data fails fast
     model = from_pretrained(args.weights, args.cache_dir).to(args.device)
-    total, count, tokens, t0 = 0.0, 0, 0, time.time()
-    with torch.no_grad():
+    total, count, tokens = 0.0, 0, 0
+    with torch.no_grad(), data.progress_line("scoring held-out tokens", args.tokens, "tokens") as shown:
         while len(idx) and tokens < args.tokens:
             losses = model.token_losses(idx.to(args.device))  # [batch, ctx-1]
             total, count, tokens = total + losses.sum().item(), count + losses.numel(), tokens + idx.numel()
-            data.progress("scoring held-out tokens", tokens, args.tokens, t0, unit="tokens")
+            shown.done = tokens
             idx = stream.next(args.batch)  # [batch, ctx]; empty at the end of the held-out split
-    print(file=sys.stderr)
     if tokens < args.tokens:
         print(f"the held-out split has only {tokens:,} tokens (in contexts of {args.ctx}); "
               f"evaluated on {tokens:,} of the {args.tokens:,} asked", file=sys.stderr)

@@ -1,9 +1,7 @@
 """
-Plumbing: how the command lines start and stop, and everything a training run does besides
-training; train_sae.py's loop calls into it, and nothing here knows what an SAE's loss is. In
-order: the flags train_sae.py, eval.py and gpt2.py share, and the one line each ends with;
-several processes (torchrun); the run folder and --resume; checkpoints, which a kill at any
-moment leaves whole; signals, which stop a run after the current step; the log and the ETA.
+Plumbing: how the command lines start and stop, and all a training run does besides training (nothing
+here knows an SAE's loss): shared flags and one-line errors; torchrun; run folder, --resume; checkpoints;
+signals; the log and ETA.
 """
 
 import argparse
@@ -54,22 +52,16 @@ def check_inputs(args, *positive):
         raise ValueError(f"--device {args.device}: {kind.upper()} is not available here; use --device cpu")
     if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if args.weights is not None and not getattr(args, "activations", None):  # unused with --activations
+    if getattr(args, "activations", None):  # rows, not GPT-2 over a corpus: said, not refused
+        if args.weights or args.data != "fineweb":
+            print("note: --data and --weights are not used with --activations", file=sys.stderr)
+    elif args.weights is not None:
         data.check_weights_path(args.weights)
 
 
-def note_unused(args, parser, flags, why):
-    """One line naming the flags among `flags` given a value other than their default, which
-    do nothing `why`."""
-    given = [f"--{flag}" for flag in flags if getattr(args, flag) != parser.get_default(flag)]
-    if given:
-        print(f"note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} not used {why}", file=sys.stderr)
-
-
 def command_line(main, interrupted):
-    """Run a script's main: bad input (a ValueError, OSError or FloatingPointError, whose message
-    is one line) prints `error: ...` (naming the rank under torchrun) and exits 1; Ctrl-C or
-    SIGTERM prints `interrupted (SIGINT); ` + interrupted() and exits 128 + the signal's number."""
+    """Run a script's main: bad input (ValueError, OSError, FloatingPointError: one line) prints `error: ...`
+    and exits 1; Ctrl-C or SIGTERM prints `interrupted (SIGINT); ` + interrupted() and exits 128 + its number."""
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt(signum)
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -84,11 +76,9 @@ def command_line(main, interrupted):
         sys.exit(128 + signum)
 
 # -----------------------------------------------------------------------------
-# Several processes (torchrun). Every rank holds the buffer a single process would (see
-# gpt2.ResidualSource) and shuffles it alike. With --parallel layers each rank trains its own
-# layers' SAEs on whole batches; with --parallel data every rank trains every SAE on its slice of
-# each batch, averaging gradients, firing counts and the ghost-grad scale, so that the copies
-# stay identical. Either way the SAEs equal a single process's.
+# Several processes (torchrun). Every rank holds the buffer one process would and shuffles it
+# alike; each trains its own layers' SAEs (--parallel layers) or a slice of every batch (data,
+# averaging gradients and counts). Either way the SAEs equal one process's (docs/design.md).
 
 RANK, WORLD = 0, 1
 
@@ -114,8 +104,7 @@ def processes(args):
             raise
         print(f"error: rank {RANK} lost the other ranks ({str(e).splitlines()[0][:200]}); one of them failed or "
               f"was killed: see its output. Resume from the last checkpoint with --resume", file=sys.stderr, flush=True)
-        # Not sys.exit: tearing down a process group whose peer is gone can abort (SIGABRT) in gloo's
-        # destructors, turning this clean exit 1 into a crash now and then. The checkpoint is on disk.
+        # Not sys.exit: gloo's destructors can abort (SIGABRT) when a peer is gone. The checkpoint is on disk.
         sys.stdout.flush()
         os._exit(1)
     if WORLD > 1:
@@ -134,9 +123,7 @@ def all_mean(t):
 
 def any_rank(flag, device):
     """True on every rank if `flag` is true on any: the ranks must decide to stop together."""
-    if WORLD == 1:
-        return bool(flag)  # and no device sync
-    return all_sum(torch.tensor([float(bool(flag))], device=device)).item() > 0
+    return bool(flag) if WORLD == 1 else all_sum(torch.tensor([float(bool(flag))], device=device)).item() > 0
 
 
 def my_share(rows):  # [n, ...] -> this rank's n / WORLD
@@ -164,18 +151,14 @@ def split_work(layers, args):
 
 
 # -----------------------------------------------------------------------------
-# The run folder: run.json records the settings; an existing run is never overwritten without
-# --force, and --resume continues one with its own settings.
+# The run folder: run.json records the settings; a run is overwritten only with --force.
 
-def check_run_folder(args):
-    run = args.out
+def check_run_folder(run, force):
     if os.path.exists(run) and not os.path.isdir(run):
         raise ValueError(f"--out {run}: a file, expected a run folder (new, or one this script wrote)")
-    if os.path.exists(os.path.join(run, "run.json")) and not args.force:
+    if os.path.exists(os.path.join(run, "run.json")) and not force:
         if os.path.exists(os.path.join(run, "checkpoint.json")):
             raise ValueError(f"{run} holds an unfinished run: continue it with --resume {run}, or pass --force")
-        if not any(name.startswith("blocks.") for name in os.listdir(run)):
-            raise ValueError(f"{run} holds a run that stopped before its first checkpoint: pass --force to start over")
         raise ValueError(f"{run} holds a run already: pass --force to overwrite it, or choose --out")
 
 
@@ -197,8 +180,7 @@ def start_run_folder(args):
 
 
 def recorded(args):
-    """The settings as run.json and cfg.json record them: input paths made absolute, so that
-    --resume works from any directory."""
+    """The settings as run.json and cfg.json record them, input paths absolute: --resume works from anywhere."""
     settings = dict(vars(args))
     if args.data != "fineweb":
         settings["data"] = ",".join(os.path.abspath(path) for path in args.data.split(","))
@@ -220,7 +202,6 @@ def settings_for_resume(args, parser, argv=None):
     if not os.path.isfile(os.path.join(args.resume, "checkpoint.json")):
         raise ValueError(f"{args.resume} has no checkpoint to resume from (finished, or stopped before the first)")
     saved = argparse.Namespace(**data.read_json(path))
-    saved.model_name = getattr(saved, "model_name", "gpt2")  # runs from before it was recorded were gpt2's
     missing = sorted(set(vars(args)) - set(vars(saved)))
     if missing:
         raise ValueError(f"{path} has no setting for --{', --'.join(missing)}: the run was started by an older "
@@ -230,7 +211,9 @@ def settings_for_resume(args, parser, argv=None):
         if flag != "resume" and given[flag] != defaults[flag] and flag not in RESUME_MAY_CHANGE:
             raise ValueError(f"--{flag} with --resume: a run continues with the settings in {path}; expected "
                              f"only --{', --'.join(RESUME_MAY_CHANGE)} (for inputs that moved, or another machine)")
-    saved.resume, saved.out, saved.device, saved.kernels = args.resume, args.resume, args.device, args.kernels
+    saved.resume = saved.out = args.resume
+    for flag in ("device", "kernels", "dist_timeout"):  # where it runs now
+        setattr(saved, flag, getattr(args, flag))
     for flag in ("data", "weights", "activations", "cache_dir"):
         if given[flag] != defaults[flag]:
             if flag == "data" and len(given[flag].split(",")) != len(saved.data.split(",")):
@@ -248,22 +231,18 @@ def settings_for_resume(args, parser, argv=None):
 # Checkpoints. Every write goes to a temporary name first.
 
 def save_checkpoint(run, trainees, kept, served, gen, source, step, args):
-    """Each writing rank's file: its SAEs' weights, Adam moments and feature counters, the kept
-    half-buffer and the served rows not yet trained on (none but when a signal stops the run), the
-    shuffle generator; the step and data position as metadata. Rank 0 then commits them by naming
-    the step in checkpoint.json, and only then deletes older files: a kill leaves one whole."""
+    """Each writing rank's file: its SAEs' weights, Adam moments and counters, the kept half-buffer,
+    the served rows not yet trained on, the shuffle generator; the step and data position as
+    metadata. Rank 0 commits them in checkpoint.json, then deletes older files: a kill leaves one."""
     check_finite(trainees, step, args.device, run)
     tick = time.time()
     if args.parallel == "layers" or RANK == 0:  # in data-parallel training the copies are identical
         tensors = {"buffer": kept.cpu(), "served": served.cpu(), "generator": gen.get_state()}
-        for t in trainees:
-            for name, value in t.sae.state_dict().items():  # the weights, and the threshold of batchtopk
-                tensors[f"{t.layer}.{name}"] = value.cpu()
-            for name, param in t.sae.named_parameters():
-                for k, v in t.opt.state[param].items():  # step, exp_avg, exp_avg_sq (none before step 1)
-                    tensors[f"{t.layer}.adam.{name}.{k}"] = v.cpu()
-            for k in ("since_fired", "fires", "density", "scale"):
-                tensors[f"{t.layer}.{k}"] = getattr(t, k).cpu()
+        for t in trainees:  # the weights (and batchtopk's threshold), Adam's step and moments (none before step 1)
+            tensors.update({f"{t.layer}.{name}": value.cpu() for name, value in t.sae.state_dict().items()})
+            tensors.update({f"{t.layer}.adam.{name}.{k}": v.cpu() for name, param in t.sae.named_parameters()
+                            for k, v in t.opt.state[param].items()})
+            tensors.update({f"{t.layer}.{k}": getattr(t, k).cpu() for k in ("since_fired", "fires", "density", "scale")})
         meta = {"step": str(step), "source": json.dumps(source.state_dict())}
         path = os.path.join(run, f"ckpt-{step:09d}-rank{RANK}.safetensors")
         save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata=meta)
@@ -273,35 +252,27 @@ def save_checkpoint(run, trainees, kept, served, gen, source, step, args):
     if RANK == 0:
         data.write_atomically(os.path.join(run, "checkpoint.json"),
                               json.dumps({"step": step, "ranks": WORLD, "parallel": args.parallel}))
-        size = 0
         for name in os.listdir(run):
             if name.startswith("ckpt-") and not name.startswith(f"ckpt-{step:09d}-"):
                 os.remove(os.path.join(run, name))
-            elif name.startswith("ckpt-"):
-                size += os.path.getsize(os.path.join(run, name))
+        size = sum(os.path.getsize(os.path.join(run, name)) for name in os.listdir(run) if name.startswith("ckpt-"))
         print(f"checkpoint: step {step:,}, {size / 1e6:,.1f} MB in {run} ({time.time() - tick:.1f} s)", file=sys.stderr)
 
 
 def load_checkpoint(run, trainees, gen, source, args):
-    """Restore what save_checkpoint wrote; return the kept half-buffer, the served rows (None in
-    older checkpoints) and the step."""
+    """Restore what save_checkpoint wrote; return the kept half-buffer, the served rows and the step."""
     saved = data.read_json(os.path.join(run, "checkpoint.json"))
     if (saved["ranks"], saved["parallel"]) != (WORLD, args.parallel):
         raise ValueError(f"{run} was checkpointed by {saved['ranks']} rank(s) in --parallel {saved['parallel']}, "
                          f"expected {WORLD} in --parallel {args.parallel}: resume it as it ran")
     path = os.path.join(run, f"ckpt-{saved['step']:09d}-rank{RANK if args.parallel == 'layers' else 0}.safetensors")
-    try:
+    try:  # writes are atomic: a damaged file was damaged later (a copy, a disk), and no older one is kept
         with data.open_safetensors(path) as f:
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    except (ValueError, OSError) as e:  # damaged after it was written (writes are atomic): by a copy, a disk
-        earlier = sorted(n for n in os.listdir(run) if n.startswith("ckpt-") and n < os.path.basename(path))
-        raise ValueError(f"{e}; the run cannot resume from it: " + (
-            f"an earlier checkpoint is {os.path.join(run, earlier[-1])} (set its step in checkpoint.json)" if earlier
-            else "no earlier checkpoint is kept; start again with --force")) from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{e}; the run cannot resume from it: start again with --force") from None
     for t in trainees:
-        with torch.no_grad():
-            for name, value in t.sae.state_dict().items():
-                value.copy_(tensors[f"{t.layer}.{name}"])
+        t.sae.load_state_dict({name: tensors[f"{t.layer}.{name}"] for name in t.sae.state_dict()})
         state = t.opt.state_dict()  # refill its per-parameter state; the param groups stay
         state["state"] = {i: {k: tensors[f"{t.layer}.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
                           for i, (name, _) in enumerate(t.sae.named_parameters())
@@ -311,14 +282,13 @@ def load_checkpoint(run, trainees, gen, source, args):
             setattr(t, k, tensors[f"{t.layer}.{k}"].to(args.device))
     gen.set_state(tensors["generator"])
     source.load_state_dict(json.loads(meta["source"]))
-    served = tensors["served"].to(args.device) if "served" in tensors else None
+    served = tensors.get("served", tensors["buffer"][:0]).to(args.device)  # older checkpoints: none
     step, log = int(meta["step"]), os.path.join(run, "log.jsonl")
-    if RANK == 0 and os.path.exists(log):  # drop the log lines of the steps that will run again
-        with open(log) as f:
-            data.write_atomically(log, "".join(line for line in f if json.loads(line)["step"] <= step))
     if RANK == 0:
-        if getattr(args, "inputs_changed", None):
-            data.write_atomically(os.path.join(run, "run.json"), json.dumps(recorded(args), indent=2))
+        if os.path.exists(log):  # drop the log lines of the steps that will run again
+            with open(log) as f:
+                data.write_atomically(log, "".join(line for line in f if json.loads(line)["step"] <= step))
+        data.write_atomically(os.path.join(run, "run.json"), json.dumps(recorded(args), indent=2))  # inputs moved
         print(f"resumed {run} at step {step:,}", file=sys.stderr)
     return tensors["buffer"].to(args.device), served, step
 
@@ -339,9 +309,7 @@ def last_checkpoint_note(run):
     path = os.path.join(run, "checkpoint.json")
     if not os.path.isfile(path):
         return "no checkpoint was written yet: start again"
-    with open(path) as f:
-        step = json.load(f)["step"]
-    return f"the checkpoint of step {step:,} is kept: continue with --resume {run}"
+    return f"the checkpoint of step {data.read_json(path)['step']:,} is kept: continue with --resume {run}"
 
 
 def check_finite(trainees, step, device, run):
@@ -352,26 +320,16 @@ def check_finite(trainees, step, device, run):
                                  f"stopped. Lower --lr or raise --lr_warmup; {last_checkpoint_note(run)}")
 
 # -----------------------------------------------------------------------------
-# Signals. While the loop runs, the first SIGINT or SIGTERM asks it to stop after the current
-# step, with a checkpoint, or at once while GPT-2 refills the buffer (a minute or more on CPU);
-# a second quits at once. (Before the loop, command_line handles them.)
+# Signals in the loop (before it, command_line's): the first stops the run with a checkpoint.
 
-class Interrupted(Exception):
-    """A signal arrived while GPT-2 refilled the buffer: stop now, from the state before the refill."""
-
-
-class Stop(list):
-    """The signals received, by number. While at_once is set (in fill, in one process), the first
-    one raises Interrupted instead of waiting for the step to end."""
-    at_once = False
+AT_ONCE = False  # set by fill: a signal raises KeyboardInterrupt at once instead of waiting for the step
 
 
 @contextlib.contextmanager
 def stop_on_signal(run):
-    """Yields a Stop. Python runs a handler only between two torch operations, and two signals
-    that arrive during one operation become one call; the bytes that the wakeup fd receives, one
-    per signal, tell them apart."""
-    stop, (r, w) = Stop(), os.pipe()
+    """Yields `stop`, a list that holds the signal's number once one arrives. Two signals within one
+    torch operation make one call of the handler: the wakeup fd, written a byte per signal, counts them."""
+    stop, (r, w) = [], os.pipe()
     os.set_blocking(r, False)
     os.set_blocking(w, False)
 
@@ -387,12 +345,11 @@ def stop_on_signal(run):
             raise SystemExit(128 + signum)
         stop.append(signum)
         if RANK == 0:
-            print(f"\nstopping {'now' if stop.at_once else 'after this step'}, with a checkpoint (signal again to quit "
+            print(f"\nstopping {'now' if AT_ONCE else 'after this step'}, with a checkpoint (signal again to quit "
                   f"at once, without one)", file=sys.stderr, flush=True)
-        if stop.at_once:
-            raise Interrupted
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    wakeup = signal.set_wakeup_fd(w)
+        if AT_ONCE:
+            raise KeyboardInterrupt(signum)
+    handlers, wakeup = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}, signal.set_wakeup_fd(w)
     try:
         yield stop
     finally:
@@ -403,11 +360,13 @@ def stop_on_signal(run):
         os.close(w)
 
 
-def exit_stopped(stop, step, run):  # after the checkpoint a signal asked for
+def stop_with_checkpoint(stop, trainees, kept, served, gen, source, step, args):
+    """What a signal asked for: a checkpoint of this state, a line saying how to continue, exit."""
+    save_checkpoint(args.out, trainees, kept, served, gen, source, step, args)
     signum = stop[0] if stop else signal.SIGTERM  # another rank's signal
     if RANK == 0:
         print(f"stopped by signal {signum} at step {step:,}; checkpoint saved. "
-              f"Continue with: python train_sae.py --resume {run}", file=sys.stderr)
+              f"Continue with: python train_sae.py --resume {args.out}", file=sys.stderr)
     sys.exit(128 + signum)
 
 # -----------------------------------------------------------------------------
@@ -417,29 +376,15 @@ OVER_A_DAY = ("that is more than a day: for a first run, try fewer --tokens (e.g
               "(e.g. 4096), or a GPU (--device cuda)")
 
 
-def fill(source, n, label, quiet=0.0, stop=None):
-    """source.next(n), with a progress line on rank 0 (none if it is done within `quiet` seconds).
-    With `stop`, a signal meanwhile raises Interrupted at once (in one process; ranks stop together)."""
-    with data.Progress(label, n, "tokens", quiet, on=RANK == 0) as shown:
-        if stop is not None:
-            stop.at_once = WORLD == 1
+def fill(source, n, label, quiet=0.0, at_once=False):
+    """source.next(n), with a progress line on rank 0 after `quiet` s; at_once: a signal stops it (one process)."""
+    global AT_ONCE
+    with data.progress_line(label, n, "tokens", quiet if RANK == 0 else 1e9) as shown:  # other ranks: never
+        AT_ONCE = at_once and WORLD == 1
         try:
             return source.next(n, lambda rows: setattr(shown, "done", rows))
         finally:
-            if stop is not None:
-                stop.at_once = False
-
-
-def first_half(source, args):
-    """The first half of the mixing buffer, with a progress line; its rate bounds the run's length
-    from below, so a run that would take over a day says so at once."""
-    half, t0 = args.buffer // 2, time.time()
-    kept = fill(source, half, "filling the first half of the buffer")     # [half, layers, d]
-    gpt2_s = args.tokens * (time.time() - t0) / half
-    if RANK == 0 and gpt2_s > 86400:
-        print(f"at that rate the activations alone take {data.duration(gpt2_s)} for --tokens {args.tokens:,}; "
-              f"{OVER_A_DAY}", file=sys.stderr)
-    return kept
+            AT_ONCE = False
 
 
 def expected_time(steps_left, step_s, refill_s_per_step):
@@ -455,13 +400,11 @@ REFILL_QUIET = 5  # a refill's progress line shows once it has taken this long (
 
 
 class Log:
-    """What the loop reports: after the first refill and three steps, the expected time; every
-    --log_every steps, a line per SAE on stdout and the same records in log.jsonl (rank 0)."""
+    """What the loop reports (rank 0): after the first refill and three steps, the expected time; every
+    --log_every steps or LOG_SECONDS, a line per SAE on stdout and the same records in log.jsonl."""
 
     def __init__(self, args, total, step):
-        self.args, self.total, self.step0, self.t0 = args, total, step, time.time()
-        self.last_line = self.t0
-        self.file = open(os.path.join(args.out, "log.jsonl"), "a") if RANK == 0 else None
+        self.args, self.total, self.step0, self.t0, self.last_line = args, total, step, time.time(), time.time()
         self.refill_s, self.step_s = None, []  # the first refill's and steps' times
 
     def refilled(self, tick):
@@ -499,13 +442,9 @@ class Log:
         self.last_line = time.time()
         for layer, r in mine:
             r = {"step": step, "tokens": step * args.batch, "layer": layer, "tokens_per_s": round(tokens_per_s), **r}
-            self.file.write(json.dumps(r) + "\n")
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(r) + "\n")
             print(f"step {step:>7,}/{self.total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
                   f" | eta {data.duration(eta):>9} | layer {layer:<2} | "
                   + " ".join(f"{k} {r[k]:.4g}" for k in ("mse", "l1", "ghost", "auxk") if k in r) +
                   f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")
-        self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()

@@ -14,6 +14,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when kernels are defined: before tr
 # against 5 min 38 s beside two busy processes on 2 cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import functools
 import http.server
 import json
 import math
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -1210,7 +1212,7 @@ def test_saved_activations_say_what_they_are_and_label_the_sae(tiny, tmp_path, c
     flags = ["--activations", acts, "--d_sae", "32", "--batch", "64", "--buffer", "512", "--tokens", "640", "--device", "cpu"]
     capsys.readouterr()
     train_sae.main([*flags, "--out", str(tmp_path / "run"), "--weights", "missing.safetensors"])  # unused: not checked
-    assert "note: --weights is not used with --activations: its rows are the SAE's inputs\n" in capsys.readouterr().err
+    assert "note: --data and --weights are not used with --activations\n" in capsys.readouterr().err
     cfg = json.load(open(tmp_path / "run" / "blocks.2.hook_resid_pre" / "cfg.json"))
     assert (cfg["model_name"], cfg["hook_name"], cfg["dataset_path"]) == ("gpt2", "blocks.2.hook_resid_pre", acts)
     with pytest.raises(ValueError) as e:
@@ -1442,6 +1444,145 @@ def test_eval_bad_sae_folder_gets_one_line_before_any_work(tiny, tmp_path, case,
     with pytest.raises((ValueError, OSError)) as e:
         evaluation.main(eval_args(tiny, folder) + extra)
     assert ("error: " + str(e.value)).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("case", ["nan-W_dec", "inf-b_enc", "features-without-dashboard", "wrong-width",
+                                  "layer-out-of-range", "ctx-too-long"])
+def test_eval_refuses_before_gpt2_loads(tiny, tmp_path, case, monkeypatch):
+    """Each refusal is one line, before the held-out tokens are read or GPT-2 is loaded (the tiny
+    GPT-2: 3 layers, d 64, contexts of 16, read from its file's header alone)."""
+    layer, d = 4 if case == "layer-out-of-range" else 2, 32 if case == "wrong-width" else 64
+    weights = random_sae_weights(d, 96, seed=3)
+    if case == "nan-W_dec":
+        weights["W_dec"][5, 7] = float("nan")
+    if case == "inf-b_enc":
+        weights["b_enc"][0] = -float("inf")
+    folder = write_sae_folder(tmp_path / f"blocks.{layer}.hook_resid_pre", weights, layer, center=True)
+    message = {"nan-W_dec": f"{folder}: sae_weights.safetensors's W_dec holds NaN or Inf; expected finite weights",
+               "inf-b_enc": f"{folder}: sae_weights.safetensors's b_enc holds NaN or Inf; expected finite weights",
+               "features-without-dashboard": "--features 3: expected --dashboard too (only dashboards use it)",
+               "wrong-width": f"{folder}: an SAE of width 32, expected GPT-2's 64",
+               "layer-out-of-range": f"{folder}: layer 4 out of range: expected 0..3 (blocks.L.hook_resid_pre, "
+                                     f"and 3 for the final residual)",
+               "ctx-too-long": f"--ctx 32: expected at most 16, the longest context of {tiny[0]}"}[case]
+    extra = {"features-without-dashboard": ["--features", "3"], "ctx-too-long": ["--ctx", "32"]}.get(case, [])
+    monkeypatch.setattr(data, "corpus", lambda *a: pytest.fail("held-out tokens read before the check"))
+    monkeypatch.setattr(gpt2, "from_pretrained", lambda *a: pytest.fail("GPT-2 loaded before the check"))
+    with pytest.raises(ValueError) as e:
+        evaluation.main(eval_args(tiny, folder) + extra)
+    assert str(e.value) == message
+    assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors"]  # no eval.json
+
+
+def test_eval_writes_non_finite_metrics_as_null(tmp_path, capsys):
+    """Rows a, 0, -a: their mean is 0, so the middle row's spread is 0, and its explained variance
+    (1 - err / 0) and |x_hat| / |x| are infinite. eval.json says null for both (JSON has no
+    Infinity), and the table a dash."""
+    a = torch.randn(24, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "rows.npy", torch.stack([a, torch.zeros(24), -a]).numpy())
+    folder = write_sae_folder(tmp_path / "blocks.5.hook_resid_pre", random_sae_weights(24, 40, seed=5), 5, center=False)
+    evaluation.main([str(folder), "--activations", str(tmp_path / "rows.npy"), "--device", "cpu"])
+    text = open(folder / "eval.json").read()
+    got = json.loads(text, parse_constant=lambda name: pytest.fail(f"eval.json holds a bare {name}"))
+    assert got["explained_variance"] is None and got["norm_ratio"] is None
+    assert all(math.isfinite(got[k]) for k in ("explained_variance_pooled", "mse", "l1", "l0", "cos"))
+    row = capsys.readouterr().out.splitlines()[1].split()  # SAE, layer, var. expl., ..., |x_hat|/|x|, dead
+    assert row[2] == "—" and row[-2] == "—" and row[-1].isdigit()
+
+
+@pytest.mark.parametrize("given", ["run-and-sae", "same-twice", "symlink"])
+def test_eval_evaluates_a_folder_given_twice_once(tiny, tmp_path, capsys, given):
+    folder = write_sae_folder(tmp_path / "run" / "blocks.1.hook_resid_pre", random_sae_weights(64, 16, seed=1), 1,
+                              center=True)
+    os.symlink(folder, tmp_path / "link")
+    second = {"run-and-sae": folder, "same-twice": tmp_path / "run", "symlink": tmp_path / "link"}[given]
+    saes = evaluation.main(eval_args(tiny, tmp_path / "run", second, tokens=16))
+    assert [s["folder"] for s in saes] == [str(folder)]
+    err, out = capsys.readouterr()[::-1]
+    assert f"note: {folder if given != 'symlink' else second} given twice; evaluated once\n" in err
+    assert len(out.splitlines()) == 3  # the header, one row, the line saying what was written
+
+
+@pytest.mark.parametrize("source", ["gpt2", "activations"])
+def test_eval_progress_is_redrawn_during_a_slow_batch(tiny, tmp_path, capsys, monkeypatch, source):
+    """The first batch takes 0.5 s, and the progress line (here redrawn every 0.05 s) shows its
+    0 tokens many times meanwhile: progress is time-based, not drawn only once a batch is done."""
+    monkeypatch.setattr(data, "progress_line", functools.partial(data.progress_line, every=0.05))
+    real, calls = evaluation.sae_input, []
+
+    def slow_first(x, center):
+        calls.append(1)
+        time.sleep(0.5 if len(calls) == 1 else 0)
+        return real(x, center)
+    monkeypatch.setattr(evaluation, "sae_input", slow_first)
+    if source == "gpt2":
+        folder = write_sae_folder(tmp_path / "blocks.1.hook_resid_pre", random_sae_weights(64, 16, seed=1), 1, True)
+        evaluation.main(eval_args(tiny, folder, tokens=32) + ["--batch", "1"])
+    else:
+        np.save(tmp_path / "rows.npy", np.random.default_rng(0).standard_normal((3000, 24), np.float32))
+        folder = write_sae_folder(tmp_path / "blocks.5.hook_resid_pre", random_sae_weights(24, 40, seed=5), 5, False)
+        evaluation.main([str(folder), "--activations", str(tmp_path / "rows.npy"), "--batch", "3", "--ctx", "100",
+                         "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("\reval pass 1 of 2 (means, firing counts): 0.0") >= 3, err
+
+
+def fake_progress(seconds, done, total=2_000_000):
+    """A data.progress_line whose first `done` of `total` took `seconds`."""
+    return types.SimpleNamespace(total=total, done=done, t0=time.time() - seconds, draw=lambda: None)
+
+
+GPT2_LINE = ("; pass 2 takes at least as long (it runs GPT-2 to the end once per SAE, and for the clean and "
+             "zero-ablated logits)")
+ADVICE = "; over an hour in all: for a first look, try fewer --tokens (e.g. --tokens 100000)"
+ON_CPU = ADVICE + " or a GPU (--device cuda)"
+
+
+@pytest.mark.parametrize("which, seconds, done, device, activations, line", [
+    (1, 60, 1000, "cpu", None, "expected time of eval pass 1: 33.3 h" + GPT2_LINE + ON_CPU),
+    (1, 1, 1000, "cpu", None, "expected time of eval pass 1: 33.3 min" + GPT2_LINE + ON_CPU),  # 67 min with pass 2
+    (1, 0.5, 1000, "cpu", None, "expected time of eval pass 1: 16.7 min" + GPT2_LINE),
+    (1, 1, 1000, "cpu", "rows.npy", "expected time of eval pass 1: 33.3 min; pass 2 takes at least as long" + ON_CPU),
+    (2, 1, 1000, "cpu", None, "expected time of eval pass 2: 33.3 min"),
+    (2, 60, 1000, "cuda", None, "expected time of eval pass 2: 33.3 h" + ADVICE),
+    (1, 60, 2000, "cpu", None, None),  # not the first batch: nothing
+], ids=["pass-1-hours", "pass-1-over-an-hour-in-all", "pass-1-under-an-hour", "pass-1-activations",
+        "pass-2-under-an-hour", "pass-2-on-cuda", "second-batch"])
+def test_eval_says_the_expected_time_after_the_first_batch(capsys, which, seconds, done, device, activations, line):
+    """The line after the first 1,000 of 2M tokens took `seconds`: the pass's time, and advice past an hour in all."""
+    args = types.SimpleNamespace(device=device, activations=activations)
+    evaluation.expected_time(fake_progress(seconds, done), 1000, which, args)
+    assert capsys.readouterr().err == (f"\n{line}\n" if line else "")
+
+
+def test_eval_prints_the_expected_time_of_each_pass_in_order(tiny, tmp_path, capsys):
+    """With the tiny GPT-2 (batches of one context of 16 tokens), one line after each pass's first
+    batch, on a line of its own between that pass's progress lines; none when one batch is the
+    whole pass."""
+    folder = write_sae_folder(tmp_path / "blocks.1.hook_resid_pre", random_sae_weights(64, 16, seed=1), 1, True)
+    evaluation.main(eval_args(tiny, folder, tokens=32) + ["--batch", "1"])
+    err = capsys.readouterr().err
+    pass_1 = re.escape("eval pass 1 of 2 (means, firing counts)") + r": [^\n]*\n"
+    pass_2 = re.escape("eval pass 2 of 2 (metrics, examples)") + r": [^\n]*\n"
+    assert re.search(pass_1 + r"expected time of eval pass 1: \d+ s" + re.escape(GPT2_LINE) + r"\n\r" + pass_1
+                     + ".*" + pass_2 + r"expected time of eval pass 2: \d+ s\n\r" + pass_2, err, re.S), err
+    evaluation.main(eval_args(tiny, folder, tokens=16) + ["--batch", "1"])
+    assert "expected time" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, note", [
+    ([], None),
+    (["--weights", "nowhere/model.safetensors"], "note: --data and --weights are not used"),
+    (["--data", "nowhere.txt", "--weights", "nowhere/model.safetensors"], "note: --data and --weights are not used"),
+], ids=["neither", "weights", "data-and-weights"])
+def test_eval_on_activations_says_data_and_weights_are_unused(tmp_path, capsys, extra, note):
+    """Neither file exists: with --activations neither is read, and the line says so."""
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).standard_normal((300, 24), np.float32))
+    folder = write_sae_folder(tmp_path / "blocks.5.hook_resid_pre", random_sae_weights(24, 40, seed=5), 5, False)
+    evaluation.main([str(folder), "--activations", str(tmp_path / "rows.npy"), "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert (note is None and "note:" not in err) or f"{note} with --activations\n" in err
+    assert os.path.isfile(folder / "eval.json")
 
 
 # -----------------------------------------------------------------------------
@@ -1797,8 +1938,9 @@ def test_download_retries_server_errors_and_names_the_part_only_when_there_is_on
     assert open(dest, "rb").read() == payload and server["ranges"][-1] == "bytes=300000-"
 
 
-def test_progress_picks_a_readable_scale(capsys):
-    t0 = time.time() - 10
+def test_progress_picks_a_readable_scale(capsys, monkeypatch):
+    monkeypatch.setattr(data, "time", types.SimpleNamespace(time=lambda: 1010.0))  # 10 s after t0
+    t0 = 1000.0
     data.progress("eval", 12_300, 50_000, t0, unit="tokens")
     data.progress("model.safetensors", 120_500_000, 548_105_171, t0)
     data.progress("shard.bin", 2_500, None, t0)
@@ -1814,15 +1956,15 @@ def test_progress_picks_a_readable_scale(capsys):
 
 
 def test_progress_is_redrawn_by_time_and_quiet_work_prints_nothing(capsys):
-    with data.Progress("slow", 100, "tokens", every=0.05) as shown:
+    with data.progress_line("slow", 100, "tokens", every=0.05) as shown:
         time.sleep(0.3)  # one long piece of work, with no update
         shown.done = 100
     err = capsys.readouterr().err
     assert err.count("\rslow: 0.0/100.0 tokens (0%)") >= 3 and err.endswith("100.0/100.0 tokens (100%) at " +
                                                                            err.rsplit(" at ", 1)[1]) and err[-1] == "\n"
-    with data.Progress("quick", 100, "tokens", quiet=1.0) as shown:
+    with data.progress_line("quick", 100, "tokens", quiet=1.0) as shown:
         shown.done = 100
-    with pytest.raises(KeyboardInterrupt), data.Progress("cut", 100, "tokens") as shown:
+    with pytest.raises(KeyboardInterrupt), data.progress_line("cut", 100, "tokens") as shown:
         raise KeyboardInterrupt
     assert capsys.readouterr().err == "\rcut: 0.0/100.0 tokens (0%) at 0.00 tokens/s, 0 s  "  # no line end: the message ends it
 
@@ -1999,8 +2141,8 @@ BAD_INPUT = [
     (["train_sae.py", "--activations", "{tmp}/missing.npy", "--out", "{tmp}/run"], "error: activations file not found"),
     (["train_sae.py", "--resume", "{tmp}/nothing"], "error: no run to resume in"),
     (["train_sae.py", "--arch", "topk", "--k", "0"], "error: --k 0: expected 1..24576 (--d_sae)"),
-    (["train_sae.py", "--k", "16"], "error: --k 16: a flag of --arch topk and batchtopk, not of relu"),
-    (["train_sae.py", "--arch", "batchtopk", "--l1", "0.1"], "error: --l1 0.1: a flag of --arch relu, not of batchtopk"),
+    (["train_sae.py", "--k", "16"], "error: --k 16: not a flag of --arch relu, which would ignore it"),
+    (["train_sae.py", "--arch", "batchtopk", "--l1", "0.1"], "error: --l1 0.1: not a flag of --arch batchtopk, which"),
     (["train_sae.py", "--layer", ""], "error: --layer '': expected a number"),
     (["train_sae.py", "--activations", "{tmp}/empty.npy", "--out", "{tmp}/run"], "error: {tmp}/empty.npy: not a complete .npy file"),
     (["train_sae.py", "--activations", "{tmp}/ints.npy", "--out", "{tmp}/run"],
@@ -2250,7 +2392,7 @@ def test_a_second_signal_quits_at_once_with_one_line(tiny, tmp_path, monkeypatch
         with pytest.raises(ValueError) as e:
             train_sae.main(["--resume", str(tmp_path / "run")])
         assert str(e.value).startswith(f"{path}: not a complete safetensors file (") and str(e.value).endswith(
-            "; the run cannot resume from it: no earlier checkpoint is kept; start again with --force")
+            "; the run cannot resume from it: start again with --force")
 
 
 def test_force_leaves_only_the_new_run(tiny, tmp_path, capsys):
@@ -2311,27 +2453,22 @@ def test_slow_steps_and_refills_print_by_time(tiny, tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err.count("refilling the buffer: 256.0/256.0 tokens (100%)") == 3  # at steps 0, 4, 8
 
 
-def test_short_runs_warm_up_over_a_tenth(capsys):
-    """The lr warm-up, like the dead window, scales down for short runs; an explicit one over half
-    the run says where the lr ends."""
+def test_short_runs_warm_up_over_a_tenth():
+    """The lr warm-up, like the dead window, scales down for short runs."""
     assert train_sae.parse_args([]).lr_warmup == 5000  # Bloom's: 73,242 steps
-    assert train_sae.parse_args(["--tokens", str(292 * 4096)]).lr_warmup == 29
-    args = train_sae.parse_args(["--tokens", str(292 * 4096), "--lr_warmup", "5000"])
-    train_sae.check_args(args)
-    assert capsys.readouterr().err == ("note: --lr_warmup 5000 is over half of this 292-step run, which ends at lr "
-                                       "2.3e-05\n")
+    args = train_sae.parse_args(["--tokens", str(292 * 4096)])
+    assert args.lr_warmup == 29 and train_sae.lr_at(291, args) == args.lr
 
 
 def test_a_run_of_more_than_a_day_says_so_at_the_start(tiny, tmp_path, monkeypatch, capsys):
-    """As soon as the first half-buffer is filled (its rate bounds the run's length from below),
-    and again with the full estimate after three steps."""
+    """After the first refill and three steps, seconds into the run: the estimate, with advice."""
     signal_during_step(monkeypatch, 4, signal.SIGINT, times=1)
     with pytest.raises(SystemExit):
         train_sae.main(tiny_args(tiny, tmp_path / "run", "--layer", "1", steps=10 ** 11))
     err = capsys.readouterr().err
-    first = next(line for line in err.splitlines() if line.startswith("at that rate the activations alone take "))
-    assert first.endswith(f"for --tokens {64 * 10 ** 11:,}; {runs.OVER_A_DAY}")
-    assert "expected time for the remaining 99,999,999,997 steps: " in err and err.count(runs.OVER_A_DAY) == 2
+    line = next(line for line in err.splitlines() if line.startswith("expected time for the remaining "))
+    assert line.startswith("expected time for the remaining 99,999,999,997 steps: ") and line.endswith("filling the buffer)")
+    assert err.count(runs.OVER_A_DAY) == 1 and f"filling the buffer)\n{runs.OVER_A_DAY}\n" in err
 
 
 def test_expected_time_warns_past_a_day():

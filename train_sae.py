@@ -54,34 +54,26 @@ p.add_argument("--d_sae", type=int, default=24576, help="features per SAE")
 p.add_argument("--tokens", type=int, default=300_000_000, help="training tokens (activations) per SAE")
 p.add_argument("--batch", type=int, default=4096, help="activations per optimizer step")
 p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: relu 4e-4; topk, batchtopk 2e-3)")
-p.add_argument("--lr_warmup", type=int, default=None,
-               help="steps of linear lr warm-up (default: 5,000, or a tenth of the run if that is less)")
+p.add_argument("--lr_warmup", type=int, default=None, help="lr warm-up steps (default: 5,000, at most a tenth of the run)")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
 p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
-               help="relu: ReLU and an L1 penalty; topk: each token's k largest pre-activations; batchtopk: the "
-                    "batch's B*k largest, saved as a JumpReLU")
+               help="relu: ReLU, L1 penalty; topk: each token's k largest pre-activations; batchtopk: the batch's B*k")
 p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token (batchtopk: on average)")
 p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
 p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
-p.add_argument("--threshold_rate", type=float, default=0.1,
-               help="batchtopk: rate of the threshold's running average of each batch's smallest kept activation")
+p.add_argument("--threshold_rate", type=float, default=0.1, help="batchtopk: the threshold's running-average rate")
 p.add_argument("--l1", type=float, default=8e-5, help="relu: L1 coefficient")
 p.add_argument("--l1_warmup", type=int, default=0, help="relu: steps of linear L1 warm-up (0: none)")
 p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
-               help="relu: seed: MSE/||x|| and plain L1, unit-norm decoder rows; saelens: SAELens v6's summed MSE "
-                    "and L1 weighted by decoder norms, free decoder")
-p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=True,
-               help="relu: ghost gradients for dead features")
+               help="relu: seed: MSE/||x||, plain L1, unit-norm rows; saelens: SAELens v6's summed MSE, L1 x row norms")
+p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=True, help="relu: ghost gradients")
 p.add_argument("--dead_tokens", type=int, default=None,
-               help="a feature is dead after this many tokens without firing (default: relu 20.48M, topk and "
-                    "batchtopk 10M, or a tenth of --tokens if that is less)")
+               help="tokens without firing that make a feature dead (default: relu 20.48M, else 10M; at most --tokens/10)")
 p.add_argument("--resample", action="store_true", help="also restart dead features at each buffer refill (Anthropic, 2023)")
 p.add_argument("--density_window", type=int, default=1000, help="steps over which feature density is counted")
 p.add_argument("--clip_grad", type=float, default=1.0, help="clip the gradient norm to this (0: off, the seed's)")
-p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
-               help="scale the inputs to mean norm sqrt(d_model); the factor is folded into the saved weights")
-p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
-               help="subtract each token's mean over d_model (TransformerLens's center_writing_weights)")
+p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="scale x to mean norm sqrt(d)")
+p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True, help="subtract each token's mean")
 p.add_argument("--exclude_bos", action="store_true", help="leave out the BOS position of each context")
 p.add_argument("--buffer", type=int, default=128 * 32 * 128, help="activations in the shuffled mixing buffer")
 p.add_argument("--gpt2_batch", type=int, default=256, help="contexts per GPT-2 forward (speed only)")
@@ -92,16 +84,13 @@ p.add_argument("--out", default=None, help="run folder (default: runs/L<layer>)"
 p.add_argument("--resume", default=None, help="continue the run in this folder, with its saved settings")
 p.add_argument("--force", action="store_true", help="overwrite an existing run or file")
 p.add_argument("--seed", type=int, default=0, help="seeds the SAE init, the data order and the buffer shuffle")
-p.add_argument("--precision", choices=["auto", "bf16", "tf32", "fp32"], default="auto",
-               help="matmul precision; weights and Adam state stay fp32 (auto: bf16 on CUDA, fp32 on CPU)")
-p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-               help="the SAE step: Triton kernels or plain torch (auto: triton on CUDA, once they pass a self-check)")
+p.add_argument("--precision", choices=["auto", "bf16", "tf32", "fp32"], default="auto", help="matmuls (auto: bf16 on CUDA)")
+p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto", help="SAE step (auto: triton on CUDA)")
 p.add_argument("--compile", action="store_true", help="torch.compile the GPT-2 forward")
 p.add_argument("--log_every", type=int, default=100, help="steps between progress lines")
 p.add_argument("--checkpoint_every", type=int, default=50_000_000, help="tokens between checkpoints")
 p.add_argument("--parallel", choices=["auto", "layers", "data"], default="auto",
-               help="under torchrun: each rank trains its own layers, or a slice of every batch (auto: layers when "
-                    "there are at least as many layers as ranks)")
+               help="torchrun: each rank trains its layers, or a slice of every batch (auto: layers if ranks <= layers)")
 p.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank waits for the others before giving up")
 
 
@@ -193,8 +182,7 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch", batch_
     # L1 = sum_i |f_i| w_i: f >= 0, so no abs. The seed: w = 1 (the rows have unit norm anyway);
     # SAELens: w = the decoder row norms, so that shrinking f by growing W_dec does not pay.
     l1_weights = torch.ones_like(sae.b_enc) if convention == "seed" else sae.W_dec.norm(dim=1)
-    x_hat, l1, pre_dead, fires = kernels.sae_forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec,
-                                                     l1_weights, dead, impl)
+    x_hat, l1, pre_dead, fires = kernels.sae_forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, l1_weights, dead, impl)
     x_hat = x_hat.float()
     mse_loss = mse(x_hat, x, x, convention)
     l1_loss = l1_coef * l1.mean()
@@ -244,9 +232,8 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
         kept = pre[rows, cols]                                        # [N]
     # AuxK (Gao et al. 2024, A.2): each token's n_aux largest pre-activations among the dead
     # features, not ReLU'd (so that a feature that died far below 0 still gets a gradient), fit
-    # the residual the live features leave. Dense over the dead columns, however many: five bf16
-    # GEMMs of B n_dead d beat B n_aux entries (a gathered fp32 row of d in four products) on a GPU
-    # up to n_dead ~ 200 k_aux, past m; on 2 CPU cores up to ~10 k_aux (bench.py's AuxK row).
+    # the residual the live features leave. Dense over the dead columns, however many: five bf16 GEMMs
+    # of B n_dead d beat B n_aux gathered fp32 rows on a GPU up to n_dead ~ 200 k_aux (bench.py's AuxK row).
     n_dead = int(dead.sum())
     n_aux = min(k_aux, n_dead) if auxk_coef > 0 else 0
     del pre
@@ -292,9 +279,8 @@ def init_from_data(sae, x):
     """Start b_dec at the geometric median of x [N, d], and scale the encoder so that the first
     reconstructions are as long as their inputs. With W_enc = W_dec^T alone they are about
     m / (2d) times too long: about half of the features fire on x' = x - b_dec, and each adds its
-    unit row's component along x' (derivation in docs/design.md). b_enc is 0 and ReLU and TopK
-    are homogeneous, so one factor on W_enc sets the length. (A TopK SAE starts near the right
-    length: its k features add about k / d of it.)"""
+    unit row's component along x' (derivation in docs/design.md). b_enc is 0 and ReLU and TopK are
+    homogeneous, so one factor on W_enc sets the length (a TopK SAE's k features add about k / d)."""
     sae.b_dec.copy_(geometric_median(x))
     x_in = x[:16384] - sae.b_dec                                      # [n, d]
     pre = x_in @ sae.W_enc                                            # [n, m]
@@ -313,8 +299,7 @@ def geometric_median(x, iters=100, tol=1e-5):
         dist = (x - y).norm(dim=1)                                    # [N]
         w = 1 / dist.clamp_min(1e-6)       # a point sitting on y would divide by zero
         y_next = (w @ x) / w.sum()
-        step = (y_next - y).norm()
-        y = y_next
+        step, y = (y_next - y).norm(), y_next
         if step <= tol * dist.mean():
             break
     return y
@@ -443,7 +428,7 @@ def train(args):
     layers = check_args(args)
     owned, shared = runs.split_work(layers, args)  # the layers this rank trains; whether ranks share SAEs
     if not args.resume:
-        runs.check_run_folder(args)
+        runs.check_run_folder(args.out, args.force)
     autocast = make_autocast(args)
     source = make_source(args, layers, owned, autocast)
     precision = matmul_precision(args)  # --kernels auto checks the kernels in exactly what will train
@@ -451,9 +436,9 @@ def train(args):
                                   "tf32" if precision == "tf32" else "ieee",
                                   (args.batch // runs.WORLD if shared else args.batch, source.d, args.d_sae))
     gen = torch.Generator(args.device).manual_seed(args.seed)
-    kept = None if args.resume else runs.first_half(source, args)       # [buffer / 2, owned layers, d]
+    kept = None if args.resume else runs.fill(source, args.buffer // 2, "filling the first half of the buffer")
     trainees = [new_trainee(layer, None if kept is None else kept[:, j], source.d, args) for j, layer in enumerate(owned)]
-    step, served = 0, None  # served: the rows of the current half not yet trained on
+    step, served = 0, None if kept is None else kept[:0]  # served: this half's rows not yet trained on
     if args.resume:
         kept, served, step = runs.load_checkpoint(args.out, trainees, gen, source, args)
     elif runs.RANK == 0:  # only now: a run stopped while starting leaves no folder behind
@@ -462,17 +447,15 @@ def train(args):
     log = runs.Log(args, total, step)
     with runs.stop_on_signal(args.out) as stop:
         while step < total:
-            if served is None or len(served) < args.batch:  # the half is served: checkpoint, refill
+            if len(served) < args.batch:  # the half is served: checkpoint, refill
                 if step - last_checkpoint >= max(1, args.checkpoint_every // args.batch):  # the smallest state
                     runs.save_checkpoint(args.out, trainees, kept, kept[:0], gen, source, step, args)
                     last_checkpoint = step
                 tick = time.time()
                 try:
-                    kept, served = refill(kept, source, gen, args, stop)
-                except runs.Interrupted:  # a signal while GPT-2 refills the buffer: stop now, as before it
-                    runs.save_checkpoint(args.out, trainees, kept, kept[:0] if served is None else served, gen, source,
-                                         step, args)
-                    runs.exit_stopped(stop, step, args.out)
+                    kept, served = refill(kept, source, gen, args)
+                except KeyboardInterrupt:  # a signal while GPT-2 refills the buffer: stop now, as before it
+                    runs.stop_with_checkpoint(stop, trainees, kept, served, gen, source, step, args)
                 log.refilled(tick)
                 if args.resample:
                     for j, t in enumerate(trainees):
@@ -487,18 +470,16 @@ def train(args):
             if logging:
                 log.write(trainees, records, step)
             if runs.any_rank(stop, args.device) and step < total:  # a signal: stop, keeping what is unserved
-                runs.save_checkpoint(args.out, trainees, kept, served, gen, source, step, args)
-                runs.exit_stopped(stop, step, args.out)
-        log.close()
+                runs.stop_with_checkpoint(stop, trainees, kept, served, gen, source, step, args)
         save_saes(trainees, step, layers, args)
     return trainees
 
 
-def refill(kept, source, gen, args, stop):
+def refill(kept, source, gen, args):
     """The seed's mixing buffer: the kept half and a fresh one, shuffled; returns (kept, served).
-    A progress line if GPT-2's forwards take over 5 s; a signal during them stops the run."""
+    A progress line if GPT-2's forwards take over 5 s; a signal during them stops the run at once."""
     half = len(kept)
-    fresh = runs.fill(source, half, "refilling the buffer", runs.REFILL_QUIET, stop)
+    fresh = runs.fill(source, half, "refilling the buffer", runs.REFILL_QUIET, at_once=True)
     mixed = torch.cat([kept, fresh])                                         # [2 half, layers, d]
     mixed = mixed[torch.randperm(2 * half, generator=gen, device=args.device)]
     return mixed[:half], mixed[half:][:half // args.batch * args.batch]
@@ -534,8 +515,7 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
     arch = {"relu": ("standard", "relu", {}), "topk": ("topk", "topk", {"k": sae.k}),
             "jumprelu": ("jumprelu", "relu", {})}[sae.arch]
     cfg = {
-        "architecture": arch[0], "d_in": d_in, "d_sae": d_sae,
-        "activation_fn_str": arch[1], "activation_fn_kwargs": arch[2],
+        "architecture": arch[0], "d_in": d_in, "d_sae": d_sae, "activation_fn_str": arch[1], "activation_fn_kwargs": arch[2],
         **({"k": sae.k, "rescale_acts_by_decoder_norm": False} if sae.arch == "topk" else {}),
         "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
         "context_size": args.ctx, "model_name": args.model_name, "hook_name": data.hook_name(layer),
@@ -547,8 +527,7 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
         "seqpos_slice": [1, None] if args.exclude_bos else [None],
         "training_args": settings,  # ours, beyond SAELens's fields; it ignores unknown keys
     }
-    with open(os.path.join(tmp, "cfg.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    data.write_atomically(os.path.join(tmp, "cfg.json"), json.dumps(cfg, indent=2))
     data.replace_folder(tmp, folder)
 
 # -----------------------------------------------------------------------------
@@ -579,9 +558,9 @@ def check_args(args):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
-    for flag, archs in ARCH_FLAGS.items():  # a recipe's flag given to another would be ignored
-        if args.arch not in archs and getattr(args, flag) != p.get_default(flag):
-            raise ValueError(f"--{flag} {getattr(args, flag)}: a flag of --arch {' and '.join(archs)}, not of {args.arch}")
+    for flag in sorted({f for flags in ARCH_FLAGS.values() for f in flags} - set(ARCH_FLAGS[args.arch])):
+        if getattr(args, flag) != p.get_default(flag):  # another recipe's flag: this one would ignore it
+            raise ValueError(f"--{flag} {getattr(args, flag)}: not a flag of --arch {args.arch}, which would ignore it")
     if args.arch != "relu" and not 1 <= args.k <= args.d_sae:
         raise ValueError(f"--k {args.k}: expected 1..{args.d_sae} (--d_sae)")
     if args.k_aux < 1 or args.auxk_coef < 0:
@@ -590,9 +569,6 @@ def check_args(args):
         raise ValueError(f"--threshold_rate {args.threshold_rate}: expected a rate in (0, 1]")
     if args.tokens < args.batch and not args.save_activations:
         raise ValueError(f"--tokens {args.tokens}: expected at least one batch ({args.batch})")
-    if args.lr_warmup > args.tokens // args.batch // 2 and not args.resume:
-        print(f"note: --lr_warmup {args.lr_warmup} is over half of this {args.tokens // args.batch:,}-step run, which "
-              f"ends at lr {lr_at(args.tokens // args.batch - 1, args):.2g}", file=sys.stderr)
     if args.kernels == "triton":  # refused before any work; auto is settled once the shape is known
         kernels.choose("triton", args.device, args.arch, None, None, None)
     if args.buffer < 2 * args.batch:
@@ -603,9 +579,8 @@ def check_args(args):
     return layers
 
 
-ARCH_FLAGS = {"l1": ("relu",), "l1_warmup": ("relu",), "loss": ("relu",), "ghost_grads": ("relu",),
-              "k": ("topk", "batchtopk"), "auxk_coef": ("topk", "batchtopk"), "k_aux": ("topk", "batchtopk"),
-              "threshold_rate": ("batchtopk",)}
+ARCH_FLAGS = {"relu": ("l1", "l1_warmup", "loss", "ghost_grads"), "topk": ("k", "auxk_coef", "k_aux"),
+              "batchtopk": ("k", "auxk_coef", "k_aux", "threshold_rate")}  # the flags only some recipes read
 
 
 def matmul_precision(args):  # auto: bf16 on CUDA; fp32 elsewhere (CPU, Apple's MPS)
@@ -622,8 +597,6 @@ def make_autocast(args):
 def make_source(args, layers, keep, autocast):
     """Where the activations come from: an activation file, or GPT-2 forwards over the corpus."""
     if args.activations:  # every rank reads the rows itself
-        runs.note_unused(args, p, ("data", "weights", "ctx", "exclude_bos", "gpt2_batch", "compile"),
-                         "with --activations: its rows are the SAE's inputs")
         source = data.FileSource(args.activations, args.center, args.device)
         if args.model_name == "unknown" and runs.RANK == 0:
             print(f"note: {args.activations} has no {os.path.basename(data.about_path(args.activations))} beside it "
@@ -642,7 +615,7 @@ def make_source(args, layers, keep, autocast):
 
 def save_activations(args):
     """--save_activations: --tokens raw (uncentred) residuals of one layer, for --activations; or
-    the first --tokens rows of an --activations file, whose .json's provenance is carried over."""
+    the first --tokens rows of an --activations file, with its .json's provenance."""
     layers, path = check_args(args), args.save_activations
     if not path.endswith(".npy") or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"--save_activations {path}: expected a .npy path in a folder that exists")
@@ -652,16 +625,13 @@ def save_activations(args):
     if runs.WORLD > 1:
         raise ValueError("--save_activations: run it in one process, not under torchrun")
     args.center = False  # centring, if on, is applied when training
-    source = make_source(args, layers, layers, make_autocast(args))
-    settings = runs.recorded(args)
-    about = {"model": args.model_name, "hook_name": data.hook_name(layers[0]), "layer": layers[0], "d": source.d,
-             "centered": False, "weights": settings["weights"] or gpt2.GPT2_URL, "data": settings["data"],
-             "ctx": args.ctx, "exclude_bos": args.exclude_bos, "seed": args.seed}
-    if args.activations:
-        if args.tokens > source.n:
-            raise ValueError(f"--tokens {args.tokens:,}: {args.activations} holds only {source.n:,} rows")
-        about = {**(data.read_about(args.activations) or {k: about[k] for k in ("model", "hook_name", "layer", "d")}),
-                 "copied_from": settings["activations"]}
+    source, settings = make_source(args, layers, layers, make_autocast(args)), runs.recorded(args)
+    about = {"model": args.model_name, "hook_name": data.hook_name(layers[0]), "layer": layers[0], "d": source.d}
+    if args.activations and args.tokens > source.n:
+        raise ValueError(f"--tokens {args.tokens:,}: {args.activations} holds only {source.n:,} rows")
+    about = ({**(data.read_about(args.activations) or about), "copied_from": settings["activations"]} if args.activations
+             else {**about, "centered": False, "weights": settings["weights"] or gpt2.GPT2_URL, "data": settings["data"],
+                   "ctx": args.ctx, "exclude_bos": args.exclude_bos, "seed": args.seed})
     gpt2.write_activations(path, source, args.tokens, args.buffer // 2, {**about, "rows": args.tokens})
 
 
