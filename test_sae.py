@@ -1413,6 +1413,7 @@ def test_gpt2_and_eval_say_when_the_held_out_split_is_smaller(tiny, tmp_path, ca
     evaluation.main(eval_args(tiny, folder, tokens=10 ** 6))
     err = capsys.readouterr().err
     assert f"SAE {folder}: layer 1, relu, d_sae 16, centred input\n" in err and short in err
+    assert "held-out tokens: 1 file, 40 contexts of 16 (640 tokens, BOS included)" in err  # the same count
     result = json.load(open(folder / "eval.json"))
     assert result["tokens"] == 640 and result["settings"]["tokens_requested"] == 10 ** 6
     evaluation.main(eval_args(tiny, folder, tokens=64))
