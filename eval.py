@@ -294,17 +294,18 @@ def token_ce(logits, target):
 def metrics(s):
     """The metrics from one SAE's sums (formulas in the README)."""
     t, fires = {k: v.item() for k, v in s["sums"].items()}, s["fires"].cpu()
+    ratio = lambda a, b: a / b if b else math.nan  # no spread, or a zero ablation as good as the model: no ratio
     density = fires.double() / s["n"]
     hist, edges = np.histogram(np.log10(density.numpy() + 1e-10), bins=20, range=(-10, 0))
     spliced = {} if "n_pred" not in t else {  # the language-model metrics: none on --activations
         "ce_clean": t["ce_clean"] / t["n_pred"], "ce_sae": t["ce_sae"] / t["n_pred"], "ce_zero": t["ce_zero"] / t["n_pred"],
-        "ce_recovered": (t["ce_zero"] - t["ce_sae"]) / (t["ce_zero"] - t["ce_clean"]),
+        "ce_recovered": ratio(t["ce_zero"] - t["ce_sae"], t["ce_zero"] - t["ce_clean"]),
         "kl": t["kl"] / t["n_pred"]}
     return {
         "layer": s["layer"], "hook_name": f"blocks.{s['layer']}.hook_resid_pre", "d_sae": len(fires),
         "tokens": int(t["n"]),
         "explained_variance": t["ev_token"] / t["n"],             # the seed's per-token form
-        "explained_variance_pooled": 1 - t["sse"] / t["sst"],
+        "explained_variance_pooled": 1 - ratio(t["sse"], t["sst"]),
         "mse": t["sse"] / (t["n"] * len(s["x_mean"])),
         "l1": t["l1"] / t["n"], "l0": t["l0"] / t["n"],
         "cos": t["cos"] / t["n"], "norm_ratio": t["norm_ratio"] / t["n"],

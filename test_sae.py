@@ -1489,6 +1489,9 @@ def test_eval_writes_non_finite_metrics_as_null(tmp_path, capsys):
     assert all(math.isfinite(got[k]) for k in ("explained_variance_pooled", "mse", "l1", "l0", "cos"))
     row = capsys.readouterr().out.splitlines()[1].split()  # SAE, layer, var. expl., ..., |x_hat|/|x|, dead
     assert row[2] == "—" and row[-2] == "—" and row[-1].isdigit()
+    np.save(tmp_path / "same.npy", np.tile(a.numpy(), (3, 1)))  # no spread at all: the pooled ratio is 0 / 0
+    evaluation.main([str(folder), "--activations", str(tmp_path / "same.npy"), "--device", "cpu"])
+    assert json.load(open(folder / "eval.json"))["explained_variance_pooled"] is None
 
 
 @pytest.mark.parametrize("given", ["run-and-sae", "same-twice", "symlink"])
@@ -2231,8 +2234,13 @@ def test_bad_input_gets_one_line(bad_input_runs, i, monkeypatch):
 
 
 def test_help_shows_each_default_once(tmp_path):
-    for script in ("gpt2.py", "eval.py", "bench.py"):
-        r = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    from concurrent.futures import ThreadPoolExecutor  # side by side: each spends 1.5 s importing torch
+    help_of = lambda script: subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True,
+                                            text=True, timeout=120)
+    scripts = ("train_sae.py", "gpt2.py", "eval.py", "bench.py")
+    with ThreadPoolExecutor(4) as pool:
+        helps = dict(zip(scripts, pool.map(help_of, scripts)))
+    for script, r in helps.items():
         text = " ".join(r.stdout.split())  # one line: argparse wraps the help at the terminal's width
         assert r.returncode == 0 and "(default:" in text, (script, r.stderr)
         assert "(default: None)" not in text and "(default: )" not in text, script

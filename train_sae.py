@@ -57,7 +57,7 @@ p.add_argument("--lr", type=float, default=None, help="Adam learning rate (defau
 p.add_argument("--lr_warmup", type=int, default=None, help="lr warm-up steps (default: 5,000, at most a tenth of the run)")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
 p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
-               help="relu: ReLU, L1 penalty; topk: each token's k largest pre-activations; batchtopk: the batch's B*k")
+               help="relu: ReLU and an L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k largest")
 p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token (batchtopk: on average)")
 p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
 p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
@@ -65,7 +65,7 @@ p.add_argument("--threshold_rate", type=float, default=0.1, help="batchtopk: the
 p.add_argument("--l1", type=float, default=8e-5, help="relu: L1 coefficient")
 p.add_argument("--l1_warmup", type=int, default=0, help="relu: steps of linear L1 warm-up (0: none)")
 p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
-               help="relu: seed: MSE/||x||, plain L1, unit-norm rows; saelens: SAELens v6's summed MSE, L1 x row norms")
+               help="relu: seed: MSE/||x||, plain L1, unit-norm rows; saelens: SAELens 6's summed MSE, L1 times row norms")
 p.add_argument("--ghost_grads", action=argparse.BooleanOptionalAction, default=True, help="relu: ghost gradients")
 p.add_argument("--dead_tokens", type=int, default=None,
                help="tokens without firing that make a feature dead (default: relu 20.48M, else 10M; at most --tokens/10)")
@@ -87,7 +87,7 @@ p.add_argument("--seed", type=int, default=0, help="seeds the SAE init, the data
 p.add_argument("--precision", choices=["auto", "bf16", "tf32", "fp32"], default="auto", help="matmuls (auto: bf16 on CUDA)")
 p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto", help="SAE step (auto: triton on CUDA)")
 p.add_argument("--compile", action="store_true", help="torch.compile the GPT-2 forward")
-p.add_argument("--log_every", type=int, default=100, help="steps between progress lines")
+p.add_argument("--log_every", type=int, default=100, help="steps between progress lines (in one process, at most 10 s)")
 p.add_argument("--checkpoint_every", type=int, default=50_000_000, help="tokens between checkpoints")
 p.add_argument("--parallel", choices=["auto", "layers", "data"], default="auto",
                help="torchrun: each rank trains its layers, or a slice of every batch (auto: layers if ranks <= layers)")
