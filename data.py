@@ -270,7 +270,6 @@ def tokenize_text(path, cache_dir=None):
     out = os.path.join(cache_dir or default_cache_dir(), "tokens", f"{name}.{key}.bin")
     if os.path.exists(out):
         return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     enc, pieces = tokenizer(), [np.array([BOS], np.uint16)]
     try:  # no progress line for a quick file
         with open(path, encoding="utf-8", newline="") as f, progress_line(f"tokenizing {name}", st.st_size, quiet=1) as line:
@@ -280,6 +279,7 @@ def tokenize_text(path, cache_dir=None):
                 line.done += len(text.encode())
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+    os.makedirs(os.path.dirname(out), exist_ok=True)  # only now: a failure leaves no empty folder
     write_shard(out, np.concatenate(pieces))
     return out
 

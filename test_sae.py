@@ -2100,6 +2100,7 @@ def test_tokenizer_offline_gets_one_line(tmp_path):
         assert err.startswith("error: cannot load GPT-2's tokenizer") and f"TIKTOKEN_CACHE_DIR (now {tmp_path / 'empty'})" in err
         assert "vocab.bpe and encoder.json, named 6d1cbeee0f20b3d9449abfede4726ed8212e3aee and " \
                "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6" in err and "with network, tiktoken fetches it" in err
+    assert not os.path.exists(tmp_path / "cache")  # nothing was cached, so no folder either
 
 
 def activation_run(tmp_path, x, *extra, steps=100):
