@@ -100,14 +100,7 @@ def find_sae_folders(paths, cache_dir=None):
 def load_sae(folder, d_model=None, gpt2_only=False):
     """(SAE, its layer, whether it reads centred residuals) from a SAELens-format folder. With
     d_model, the SAE must read residuals of that width; with gpt2_only, GPT-2's residuals."""
-    path = os.path.join(folder, "cfg.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: a JSON {type(cfg).__name__}, expected an object of settings")
+    cfg = data.read_json(os.path.join(folder, "cfg.json"))
     model_name = cfg.get("model_name", "gpt2")
     if gpt2_only and model_name not in ("gpt2", "gpt2-small"):  # ours say gpt2, Bloom's gpt2-small
         raise ValueError(f"{folder}: an SAE of {model_name!r} activations (cfg.json model_name), expected gpt2: "
@@ -143,11 +136,16 @@ def load_sae(folder, d_model=None, gpt2_only=False):
             raise ValueError(f"{folder}: sae_weights.safetensors's {name} holds NaN or Inf; expected finite weights")
     if arch == "topk" and k > m:
         raise ValueError(f"{folder}: cfg.json has k {k}, expected at most d_sae {m}")
+    widths = cfg.get("matryoshka_widths") or [m]  # a Matryoshka SAE: each prefix of its features is scored too
+    if (not isinstance(widths, list) or widths[-1] != m or widths != sorted(set(widths))
+            or not all(isinstance(w, int) and w > 0 for w in widths)):
+        raise ValueError(f"{folder}: cfg.json has matryoshka_widths {widths}, expected increasing widths ending at {m}")
     sae = SAE(d, m, arch={"standard": "relu"}.get(arch, arch), k=k)
     w = {name: w[name].float() for name in keys}
     if not cfg.get("apply_b_dec_to_input", True):  # x W_enc + b_enc == (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
     sae.load_state_dict(w)
+    sae.prefixes = widths[:-1]  # the whole SAE's metrics are the main ones
     center = bool((cfg.get("model_from_pretrained_kwargs") or {}).get("center_writing_weights", False))
     return sae.eval(), int(parts[1]), center
 
@@ -251,7 +249,8 @@ def second_pass(model, saes, args):
     keys = ("n", "sse", "sst", "ev_token", "l1", "l0", "cos", "norm_ratio")
     keys += ("n_pred", "ce_clean", "ce_sae", "ce_zero", "kl") if model is not None else ()
     for s in saes:
-        s["sums"] = {k: torch.zeros((), dtype=torch.float64, device=args.device) for k in keys}
+        prefix_keys = [f"{k}_{w}" for w in s["sae"].prefixes for k in ("sse", "ev_token", "l0")]
+        s["sums"] = {k: torch.zeros((), dtype=torch.float64, device=args.device) for k in (*keys, *prefix_keys)}
     for idx, resid in residual_batches(model, saes, args, 2):  # {L: [b, T, d]}
         if model is not None:
             clean = model.logits_from(resid[layers[-1]], layers[-1])            # [b, T, vocab]
@@ -282,6 +281,11 @@ def second_pass(model, saes, args):
             sums["l0"] += torch.count_nonzero(f)
             sums["cos"] += F.cosine_similarity(x, x_hat, dim=1).sum()
             sums["norm_ratio"] += (x_hat.norm(dim=1) / x.norm(dim=1)).sum()
+            for w in s["sae"].prefixes:  # a Matryoshka SAE's nested reconstructions, from its first w features
+                err_w = (x - f[:, :w].double() @ s["sae"].W_dec[:w].double() - s["sae"].b_dec.double()).pow(2).sum(1)
+                sums[f"sse_{w}"] += err_w.sum()
+                sums[f"ev_token_{w}"] += (1 - err_w / spread).sum()
+                sums[f"l0_{w}"] += torch.count_nonzero(f[:, :w])
             if "dash" in s:
                 dashboard.collect_examples(s["dash"], f.view(*resid[L].shape[:2], -1), idx)  # [b, T, m]
 
@@ -310,6 +314,8 @@ def metrics(s):
         "l1": t["l1"] / t["n"], "l0": t["l0"] / t["n"],
         "cos": t["cos"] / t["n"], "norm_ratio": t["norm_ratio"] / t["n"],
         "alive_pct": 100 * (fires > 0).double().mean().item(), "dead": int((fires == 0).sum()), **spliced,
+        "prefixes": [{"width": w, "explained_variance": t[f"ev_token_{w}"] / t["n"], "l0": t[f"l0_{w}"] / t["n"],
+                      "explained_variance_pooled": 1 - ratio(t[f"sse_{w}"], t["sst"])} for w in s["sae"].prefixes],
         "density_histogram": {"log10_edges": edges.tolist(), "counts": hist.tolist()},
         "centered_input": s["center"],
     }
@@ -387,7 +393,7 @@ def main(argv=None):
     rows, files = [], []  # files: (path, text), written together at the end
     for s in saes:
         # JSON has no NaN or Infinity: a metric that is not finite (a row equal to the mean divides by 0) is null.
-        result = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics(s).items()}
+        result = s["result"] = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics(s).items()}
         result["settings"] = {"tokens_requested": args.tokens, "ctx": args.ctx, "data": args.data,
                               "activations": args.activations and os.path.abspath(args.activations)}
         files.append((os.path.join(s["folder"], "eval.json"), json.dumps(result, indent=2, allow_nan=False)))
@@ -405,6 +411,11 @@ def main(argv=None):
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, widths)))
     for r in rows:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    for s in saes:
+        if s["sae"].prefixes:
+            print(f"{s['name']}, its prefixes: " + ", ".join(f"{p['width']:,} features: var. expl. "
+                                                            f"{p['explained_variance']:.2%}, L0 {p['l0']:.2f}"
+                                                            for p in s["result"]["prefixes"]))
     print(f"({n:,} {'rows of ' + args.activations if model is None else 'held-out tokens'}; "
           f"eval.json{' and dashboard/' if args.dashboard else ''} written beside each SAE)")
     return saes

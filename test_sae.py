@@ -431,9 +431,13 @@ def test_it_learns_a_known_dictionary(tmp_path):
 
 # TopK and BatchTopK (--arch).
 
+PREFIXES = [5, 10, 20, 40]  # the nested widths of the matryoshka cases (m 40)
+
+
 def reference_topk_loss(P, x, arch, k, dead, k_aux, coef):
     """The TopK loss in float64 from the formulas alone, dense [B, m] masks and plain autograd:
-    the loss, and the mask of features that fire."""
+    the loss, and the mask of features that fire. Matryoshka: BatchTopK's, plus the loss of each
+    smaller prefix's reconstruction, its first w features alone (dense slices)."""
     x = x.double()
     pre = (x - P["b_dec"]) @ P["W_enc"] + P["b_enc"]                                  # [B, m]
     B, m = pre.shape
@@ -446,6 +450,8 @@ def reference_topk_loss(P, x, arch, k, dead, k_aux, coef):
     x_hat = (pre * keep) @ P["W_dec"] + P["b_dec"]
     nmse = lambda a, b: (a - b).pow(2).sum(1).mean() / (b - b.mean(0)).pow(2).sum(1).mean()
     loss = nmse(x_hat, x)
+    for w in PREFIXES[:-1] if arch == "matryoshka" else []:
+        loss = loss + nmse((pre * keep)[:, :w] @ P["W_dec"][:w] + P["b_dec"], x)
     if dead is not None:
         with torch.no_grad():
             among_dead = torch.full_like(pre, -math.inf)
@@ -456,7 +462,7 @@ def reference_topk_loss(P, x, arch, k, dead, k_aux, coef):
     return loss, keep
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64),
                                          (list(range(1, 40, 3)), 5)], ids=["no-dead", "dead", "k_aux-capped", "many-dead"])
 def test_topk_step_matches_dense_float64(arch, dead, k_aux):
@@ -466,7 +472,8 @@ def test_topk_step_matches_dense_float64(arch, dead, k_aux):
     x = 2 * torch.randn(B, 12, generator=torch.Generator().manual_seed(5))
     is_dead = torch.zeros(40, dtype=torch.bool)
     is_dead[dead or []] = True
-    loss, parts, fires, x_hat, cut = train_sae.topk_loss(sae, x, arch, k, is_dead, k_aux, 0.25)
+    prefixes = PREFIXES if arch == "matryoshka" else None
+    loss, parts, fires, x_hat, cut = train_sae.topk_loss(sae, x, arch, k, is_dead, k_aux, 0.25, prefixes=prefixes)
     loss.backward()
     P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
     ref, keep = reference_topk_loss(P, x, arch, k, dead, k_aux, 0.25)
@@ -480,7 +487,7 @@ def test_topk_step_matches_dense_float64(arch, dead, k_aux):
     assert fires.sum() == B * k and torch.equal(fires, keep.sum(0))
     per_token = keep.sum(1)
     assert (per_token == k).all() if arch == "topk" else per_token.min() < k < per_token.max()
-    if arch == "batchtopk":  # the cut is the (B k)-th largest pre-activation
+    if arch != "topk":  # the cut is the (B k)-th largest pre-activation
         pre = (x.double() - P["b_dec"]) @ P["W_enc"] + P["b_enc"]
         assert abs(cut.item() - pre.flatten().topk(B * k).values.min().item()) < 1e-5
 
@@ -606,12 +613,14 @@ def test_output_is_saelens_format_and_reloads(tiny, tmp_path):
     train_sae.main(tiny_args(tiny, out, "--layer", "1", "--force"))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
-    """topk is saved as SAELens's "topk" with its k; batchtopk as "jumprelu" with the threshold
-    learnt in training. eval.py's loader reads both back to the trained function."""
+    """topk is saved as SAELens's "topk" with its k; batchtopk and matryoshka as "jumprelu" with the
+    threshold learnt in training, matryoshka with its widths. eval.py's loader reads them back to
+    the trained function, and scores each of matryoshka's prefixes as their float64 reconstructions."""
     out = tmp_path / "run"
-    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1", "--arch", arch, "--k", "4"))
+    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1", "--arch", arch, "--k", "4",
+                                    *(["--prefixes", "8,24,64"] if arch == "matryoshka" else [])))
     folder = out / "blocks.1.hook_resid_pre"
     cfg, weights = json.load(open(folder / "cfg.json")), sae_weights(folder)
     s = t.scale.item()
@@ -625,7 +634,8 @@ def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
         assert abs(theta[0].item() - t.sae.threshold[0].item() / s) < 1e-6 * theta[0].item()  # in input units
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert {"mse", "auxk", "l0", "explained_variance", "dead_pct"} <= set(records[-1])
-    assert ("threshold" in records[-1]) == (arch == "batchtopk") and "l1" not in records[-1]
+    assert ("threshold" in records[-1]) == (arch != "topk") and "l1" not in records[-1]
+    assert ("nested" in records[-1]) == (cfg.get("matryoshka_widths") == [8, 24, 64]) == (arch == "matryoshka")
     sae, layer, center = evaluation.load_sae(str(folder), 64)
     x = 3 * torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -640,6 +650,21 @@ def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
         else:
             ref = torch.relu(pre) * (pre > weights["threshold"])
         assert torch.allclose(f, ref, atol=1e-5) and (f > 0).any()
+    if arch == "matryoshka":  # eval.py's prefix metrics on these rows, against float64
+        np.save(tmp_path / "rows.npy", x.numpy())
+        evaluation.main([str(folder), "--activations", str(tmp_path / "rows.npy"), "--device", "cpu"])
+        got = json.load(open(folder / "eval.json"))["prefixes"]
+        x_in = x - x.mean(1, keepdim=True) if center else x  # as eval.py hands the rows to the SAE
+        with torch.no_grad():
+            f = sae(x_in)[1].double()  # which entries pass the threshold: as the fp32 forward decides
+        x64, W = x_in.double(), {k: v.double() for k, v in weights.items()}
+        for p, w in zip(got, (8, 24)):
+            err = (x64 - f[:, :w] @ W["W_dec"][:w] - W["b_dec"]).pow(2).sum(1)
+            spread = (x64 - x64.mean(0)).pow(2).sum(1)
+            assert p["width"] == w and abs(p["l0"] - (f[:, :w] > 0).sum(1).double().mean().item()) < 1e-9
+            assert abs(p["explained_variance"] - (1 - err / spread).mean().item()) < 1e-6
+            assert abs(p["explained_variance_pooled"] - (1 - err.sum() / spread.sum()).item()) < 1e-6
+        assert len(got) == 2
 
 
 # -----------------------------------------------------------------------------
@@ -807,7 +832,7 @@ def test_gathered_dot_kernel(dtype, N, d):
     assert close(kernels.gathered_dot_torch(ia, a, ib, b, chunk=4), ref, 1e-6)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("dead, k_aux", [(None, 3), ([3, 7, 20, 21, 30], 3), ([3, 7, 20, 21, 30], 64),
                                          (list(range(1, 40, 3)), 5)], ids=["no-dead", "dead", "k_aux-capped", "many-dead"])
 def test_topk_step_triton_matches_dense_float64(arch, dead, k_aux):
@@ -819,7 +844,8 @@ def test_topk_step_triton_matches_dense_float64(arch, dead, k_aux):
     runs = {}
     for impl in ("torch", "triton"):
         sae = random_sae()
-        loss, parts, fires, x_hat, _ = train_sae.topk_loss(sae, x, arch, 4, is_dead, k_aux, 0.25, impl=impl)
+        loss, parts, fires, x_hat, _ = train_sae.topk_loss(sae, x, arch, 4, is_dead, k_aux, 0.25, impl=impl,
+                                                           prefixes=PREFIXES if arch == "matryoshka" else None)
         loss.backward()
         runs[impl] = sae, loss, parts, fires, x_hat
     sae, loss, parts, fires, x_hat = runs["triton"]
@@ -2149,6 +2175,12 @@ BAD_INPUT = [
     (["train_sae.py", "--k", "16"], "error: --k 16: not a flag of --arch relu, which would ignore it"),
     (["train_sae.py", "--arch", "batchtopk", "--l1", "0.1"], "error: --l1 0.1: not a flag of --arch batchtopk, which"),
     (["train_sae.py", "--layer", ""], "error: --layer '': expected a number"),
+    (["train_sae.py", "--arch", "matryoshka", "--prefixes", "512,256,24576"],
+     "error: --prefixes 512,256,24576: expected increasing widths ending at --d_sae (24576)"),
+    (["train_sae.py", "--arch", "matryoshka", "--prefixes", "512,4096"],
+     "error: --prefixes 512,4096: expected increasing widths ending at --d_sae (24576)"),
+    (["train_sae.py", "--arch", "matryoshka", "--prefixes", "half,all"], "error: --prefixes half,all: expected comma-separated"),
+    (["train_sae.py", "--arch", "topk", "--prefixes", "512,24576"], "error: --prefixes 512,24576: not a flag of --arch topk"),
     (["train_sae.py", "--activations", "{tmp}/empty.npy", "--out", "{tmp}/run"], "error: {tmp}/empty.npy: not a complete .npy file"),
     (["train_sae.py", "--activations", "{tmp}/ints.npy", "--out", "{tmp}/run"],
      "error: {tmp}/ints.npy: int64 rows, expected floating-point activations"),
@@ -2314,10 +2346,11 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how, capsys)
     assert not [n for n in os.listdir(tmp_path / "cut") if n.startswith(("ckpt-", "checkpoint"))]  # spent
 
 
-def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path):
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path, arch):
     """The threshold and AuxK's dead-feature counters are checkpointed too (AuxK is on: an
     8-batch dead window at k 2 leaves features dead)."""
-    extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", "batchtopk", "--k", "2"]
+    extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", arch, "--k", "2"]
     train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=120))
     assert any(json.loads(line)["auxk"] > 0 for line in open(tmp_path / "whole" / "log.jsonl"))
     code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=120), signal_after_checkpoint=signal.SIGKILL)
@@ -2556,7 +2589,7 @@ def test_torchrun_data_parallel_equals_one_process(tiny, tmp_path, single_runs):
         assert all(abs(a[k] - b[k]) <= 1e-4 * max(1e-3, abs(b[k])) for k in ("mse", "l1", "ghost", "l0", "dead_pct"))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_torchrun_data_parallel_topk_equals_one_process(tiny, tmp_path, arch):
     """Each rank holds half of every batch. BatchTopK's cut is the whole batch's, found from every
     rank's candidates, so every rank keeps what one process would and moves the threshold alike."""
@@ -2570,7 +2603,8 @@ def test_torchrun_data_parallel_topk_equals_one_process(tiny, tmp_path, arch):
     assert_same_saes(tmp_path / "one", tmp_path / "dp", [2], tol=1e-5)
     ours, theirs = ([json.loads(line) for line in open(run / "log.jsonl")] for run in (tmp_path / "dp", tmp_path / "one"))
     assert any(r["auxk"] > 0 for r in theirs)
-    keys = ("mse", "auxk", "l0", "dead_pct") + (("threshold",) if arch == "batchtopk" else ())
+    keys = ("mse", "auxk", "l0", "dead_pct") + (("threshold",) if arch != "topk" else ())
+    keys += ("nested",) if arch == "matryoshka" else ()
     for a, b in zip(ours, theirs):
         assert all(abs(a[k] - b[k]) <= 1e-4 * max(1e-3, abs(b[k])) for k in keys), (a, b)
 

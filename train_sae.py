@@ -56,12 +56,14 @@ p.add_argument("--batch", type=int, default=4096, help="activations per optimize
 p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: relu 4e-4; topk, batchtopk 2e-3)")
 p.add_argument("--lr_warmup", type=int, default=None, help="lr warm-up steps (default: 5,000, at most a tenth of the run)")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
-p.add_argument("--arch", choices=["relu", "topk", "batchtopk"], default="relu",
-               help="relu: ReLU and an L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k largest")
+p.add_argument("--arch", choices=["relu", "topk", "batchtopk", "matryoshka"], default="relu",
+               help="relu: ReLU and an L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k largest; "
+                    "matryoshka: batchtopk, each prefix of the features trained to reconstruct alone")
 p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token (batchtopk: on average)")
 p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
 p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
 p.add_argument("--threshold_rate", type=float, default=0.1, help="batchtopk: the threshold's running-average rate")
+p.add_argument("--prefixes", default=None, help="matryoshka: nested widths, ending at --d_sae (default: d_sae/32, /16 .. 1)")
 p.add_argument("--l1", type=float, default=8e-5, help="relu: L1 coefficient")
 p.add_argument("--l1_warmup", type=int, default=0, help="relu: steps of linear L1 warm-up (0: none)")
 p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
@@ -107,6 +109,12 @@ def parse_args(argv=None):
     elif args.activations:
         args.model_name = "unknown"  # not gpt2: nothing says it is
     args.layer = "9" if args.layer is None else args.layer
+    if args.arch == "matryoshka":  # each width double the last (Bussmann et al. 2025 use a few such groups)
+        try:
+            args.prefixes = [int(w) for w in args.prefixes.split(",")] if args.prefixes else None
+        except ValueError:
+            raise ValueError(f"--prefixes {args.prefixes}: expected comma-separated widths") from None
+        args.prefixes = args.prefixes or sorted({max(1, args.d_sae >> i) for i in range(6)})
     if args.lr is None:  # relu: Bloom's; topk and batchtopk: measured on real activations (docs/results.md)
         args.lr = 4e-4 if args.arch == "relu" else 2e-3
     # Short runs warm up and revive too: a 488-step run would never see 5,000 steps.
@@ -137,7 +145,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))    # [m]
         self.W_dec = nn.Parameter(W_dec)             # [m, d]
         self.b_dec = nn.Parameter(torch.zeros(d))    # [d]
-        self.arch, self.k = "jumprelu" if arch == "batchtopk" else arch, k
+        self.arch, self.k = "jumprelu" if arch in ("batchtopk", "matryoshka") else arch, k
         if self.arch == "jumprelu":
             self.register_buffer("threshold", torch.zeros(m))  # [m]; BatchTopK learns one value for all
 
@@ -206,12 +214,13 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch", batch_
     return loss, parts, fires, x_hat
 
 
-def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch"):
+def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch", prefixes=None):
     """loss, its parts (detached), each feature's firing count, x_hat, and the batch's smallest
-    kept activation (batchtopk; else None), for a TopK or BatchTopK SAE on x [B, d] (fp32).
-    dead [m] (bool): the dead features, which AuxK trains. shared: x is this rank's slice of the
-    batch, and every rank holds a copy of the SAE (data-parallel training). impl: the sparse
-    products in "torch" or "triton" (kernels.py)."""
+    kept activation (batchtopk, matryoshka; else None), for a TopK or BatchTopK SAE on x [B, d]
+    (fp32). dead [m] (bool): the dead features, which AuxK trains. shared: x is this rank's slice
+    of the batch, and every rank holds a copy of the SAE (data-parallel training). impl: the sparse
+    products in "torch" or "triton" (kernels.py). prefixes (matryoshka): the nested widths, whose
+    reconstructions' losses are added to the whole SAE's."""
     B, m = len(x), sae.b_enc.shape[0]
     batch_mean, gather = (runs.all_mean, runs.gather_rows) if shared else (lambda t: t, lambda t: t)
     pre = kernels.dense_pre(x, sae.W_enc, sae.b_enc, sae.b_dec)          # [B, m], the one dense GEMM
@@ -239,11 +248,20 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     del pre
     values = kernels.SparsePre.apply(kept, x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, impl)  # [N]
     f = torch.relu(values)                                             # [N]
-    x_hat = kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec  # [B, d]
+    if prefixes:  # Matryoshka: group g (features prefixes[g-1] to prefixes[g]) adds to the prefixes from g on,
+        # so the nested reconstructions are running sums of one sparse decode per group of the kept entries.
+        group = torch.bucketize(cols, torch.tensor(prefixes[:-1], device=x.device), right=True)  # [N]
+        parts = [kernels.sparse_decode(rows[group == g], cols[group == g], f[group == g], sae.W_dec, B, impl)
+                 for g in range(len(prefixes))]                        # [B, d] each
+        x_hats = sae.b_dec + torch.stack(parts).cumsum(0)              # [prefixes, B, d]
+    else:
+        x_hats = (kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec)[None]  # [1, B, d]
+    x_hat = x_hats[-1]                                                 # [B, d]
     fires = torch.bincount(cols[f > 0], minlength=m)                   # [m]
     # The normalised MSE, 1 - explained variance: the scale of the data does not matter.
     spread = batch_mean((x - batch_mean(x.mean(0))).pow(2).sum(1).mean())
     mse_loss = (x - x_hat).pow(2).sum(1).mean() / spread
+    nested = (x - x_hats[:-1]).pow(2).sum(2).mean(1).sum() / spread    # the smaller prefixes' (matryoshka)
     aux_loss = torch.zeros((), device=x.device)
     if n_aux:
         e = (x - x_hat).detach()                                       # [B, d]
@@ -255,8 +273,8 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
         e_hat = aux_pre @ sae.W_dec[on]                                # [B, d]
         e_spread = batch_mean((e - batch_mean(e.mean(0))).pow(2).sum(1).mean())
         aux_loss = auxk_coef * (e - e_hat).pow(2).sum(1).mean() / e_spread
-    loss = mse_loss + aux_loss
-    return loss, {"mse": mse_loss.detach(), "auxk": aux_loss.detach()}, fires, x_hat, smallest_kept
+    parts = {"mse": mse_loss.detach(), "auxk": aux_loss.detach(), **({"nested": nested.detach()} if prefixes else {})}
+    return mse_loss + nested + aux_loss, parts, fires, x_hat, smallest_kept
 
 # -----------------------------------------------------------------------------
 # Init, and the decoder constraint.
@@ -355,7 +373,7 @@ def train_step(t, x, step, args, autocast, log, shared=False):
             loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
         else:
             loss, parts, fires, x_hat, smallest_kept = topk_loss(t.sae, x, args.arch, args.k, is_dead, args.k_aux,
-                                                                 args.auxk_coef, shared, args.kernels)
+                                                                 args.auxk_coef, shared, args.kernels, args.prefixes)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     if shared:  # the whole batch's gradient is the mean of the slices'; the counts, their sum
@@ -371,7 +389,7 @@ def train_step(t, x, step, args, autocast, log, shared=False):
     if unit_rows:
         normalize_decoder(t.sae)
     with torch.no_grad():
-        if args.arch == "batchtopk":  # the JumpReLU threshold: starts at the first batch's cut, then follows it
+        if t.sae.arch == "jumprelu":  # BatchTopK's threshold: starts at the first batch's cut, then follows it
             t.sae.threshold.lerp_(smallest_kept.expand_as(t.sae.threshold), 1.0 if step == 0 else args.threshold_rate)
         t.since_fired = torch.where(fires > 0, 0, t.since_fired + 1)   # fires [m]: tokens each fired on
         t.fires += fires
@@ -385,7 +403,7 @@ def train_step(t, x, step, args, autocast, log, shared=False):
         return {**record, "loss": batch_mean(loss.detach()).item(), "l0": fires.sum().item() / args.batch,
                 "explained_variance": batch_mean(explained.mean()).item(),
                 "dead_pct": 100 * (t.since_fired >= dead_after(args)).float().mean().item(), "lr": lr,
-                **({"threshold": (t.sae.threshold[0] / t.scale).item()} if args.arch == "batchtopk" else {})}
+                **({"threshold": (t.sae.threshold[0] / t.scale).item()} if t.sae.arch == "jumprelu" else {})}
 
 
 @torch.no_grad()
@@ -525,6 +543,7 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
         "dtype": "float32", "device": "cpu", "sae_lens_training_version": None, "neuronpedia_id": None,
         "model_from_pretrained_kwargs": {"center_writing_weights": args.center},
         "seqpos_slice": [1, None] if args.exclude_bos else [None],
+        **({"matryoshka_widths": args.prefixes} if args.arch == "matryoshka" else {}),  # SAELens's name for them
         "training_args": settings,  # ours, beyond SAELens's fields; it ignores unknown keys
     }
     data.write_atomically(os.path.join(tmp, "cfg.json"), json.dumps(cfg, indent=2))
@@ -561,6 +580,10 @@ def check_args(args):
     for flag in sorted({f for flags in ARCH_FLAGS.values() for f in flags} - set(ARCH_FLAGS[args.arch])):
         if getattr(args, flag) != p.get_default(flag):  # another recipe's flag: this one would ignore it
             raise ValueError(f"--{flag} {getattr(args, flag)}: not a flag of --arch {args.arch}, which would ignore it")
+    if args.prefixes and not (0 < args.prefixes[0] and all(a < b for a, b in zip(args.prefixes, args.prefixes[1:]))
+                              and args.prefixes[-1] == args.d_sae):
+        raise ValueError(f"--prefixes {','.join(map(str, args.prefixes))}: expected increasing widths ending at "
+                         f"--d_sae ({args.d_sae})")
     if args.arch != "relu" and not 1 <= args.k <= args.d_sae:
         raise ValueError(f"--k {args.k}: expected 1..{args.d_sae} (--d_sae)")
     if args.k_aux < 1 or args.auxk_coef < 0:
@@ -580,7 +603,8 @@ def check_args(args):
 
 
 ARCH_FLAGS = {"relu": ("l1", "l1_warmup", "loss", "ghost_grads"), "topk": ("k", "auxk_coef", "k_aux"),
-              "batchtopk": ("k", "auxk_coef", "k_aux", "threshold_rate")}  # the flags only some recipes read
+              "batchtopk": ("k", "auxk_coef", "k_aux", "threshold_rate"),
+              "matryoshka": ("k", "auxk_coef", "k_aux", "threshold_rate", "prefixes")}  # the flags only some recipes read
 
 
 def matmul_precision(args):  # auto: bf16 on CUDA; fp32 elsewhere (CPU, Apple's MPS)
