@@ -492,6 +492,55 @@ def test_topk_step_matches_dense_float64(arch, dead, k_aux):
         assert abs(cut.item() - pre.flatten().topk(B * k).values.min().item()) < 1e-5
 
 
+def jumprelu_sae(theta=0.3, seed=0):
+    """random_sae with JumpReLU's learnt threshold, log θ, spread around `theta`."""
+    sae = random_sae(seed=seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    sae.log_threshold = torch.nn.Parameter(math.log(theta) + 0.5 * torch.randn(40, generator=g))
+    sae.arch, sae.threshold = "jumprelu", sae.log_threshold.detach().exp()
+    return sae
+
+
+@pytest.mark.parametrize("mode, target, preact", [("step", None, 0), ("step", 3.0, 0), ("tanh", None, 0.5)])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_jumprelu_step_matches_float64(mode, target, preact, impl):
+    """f = pre where pre > θ; the loss (normalised MSE and λ L0, or λ t (L0/t - 1)^2, or tanh(4f))
+    and every gradient against float64 with dense masks, θ's written out as the rectangle kernel of
+    width ε gives it: d f/d θ = -θ/ε and d H/d θ = -1/ε (tanh: -tanh(4θ)/ε) within ε/2 of θ."""
+    sae, coef, eps = jumprelu_sae(), 0.05, 0.4
+    x = 2 * torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[3, 7, 20]] = True
+    loss, parts, fires, x_hat, _ = train_sae.topk_loss(sae, x, "jumprelu", None, dead, 8, 0.25, impl=impl,
+                                                       sparsity=(coef, target, eps, mode, preact))
+    loss.backward()
+    P = {name: param.detach().double().requires_grad_() for name, param in sae.named_parameters()}
+    theta = P["log_threshold"].detach().exp()
+    xd = x.double()
+    pre = (xd - P["b_dec"]) @ P["W_enc"] + P["b_enc"]                                 # [B, m]
+    keep, near = (pre > theta).detach(), ((pre - theta).abs() < eps / 2).detach()
+    x_ref = (pre * keep) @ P["W_dec"] + P["b_dec"]
+    spread = (xd - xd.mean(0)).pow(2).sum(1).mean()
+    penalty = keep.double() if mode == "step" else torch.tanh(4 * pre * keep)
+    l0 = penalty.sum(1).mean()
+    ref = (x_ref - xd).pow(2).sum(1).mean() / spread + coef * (target * (l0 / target - 1) ** 2 if target else l0)
+    if preact:
+        ref = ref + preact * torch.relu(theta[[3, 7, 20]] - pre[:, [3, 7, 20]]).sum(1).mean()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item() and "auxk" not in parts and near.any()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        err = (getattr(sae, name).grad.double() - P[name].grad).norm() / P[name].grad.norm()
+        assert err < 1e-5, (name, err.item())
+    with torch.no_grad():  # θ's: the reconstruction's and the penalty's, by the chain rule through l0
+        d_x_hat = 2 * (x_ref - xd) / spread / len(x)                                  # [B, d]
+        d_f = d_x_hat @ P["W_dec"].T                                                  # [B, m]
+        d_l0 = coef * (2 * (l0 / target - 1) if target else 1)
+        at_theta = 1 if mode == "step" else torch.tanh(4 * theta)
+        d_theta = ((d_f * -theta / eps + d_l0 * -at_theta / eps / len(x)) * near).sum(0)
+    assert close(sae.log_threshold.grad, d_theta * theta, 1e-5)
+    assert torch.equal(fires, keep.sum(0)) and fires.sum() > 0
+
+
 def test_auxk_revives_dead_features():
     """Half the features start dead (b_enc below every pre-activation they have on the data).
     300 steps with AuxK bring most of them back; without it they all stay dead."""

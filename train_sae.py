@@ -56,14 +56,21 @@ p.add_argument("--batch", type=int, default=4096, help="activations per optimize
 p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: relu 4e-4; topk, batchtopk 2e-3)")
 p.add_argument("--lr_warmup", type=int, default=None, help="lr warm-up steps (default: 5,000, at most a tenth of the run)")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
-p.add_argument("--arch", choices=["relu", "topk", "batchtopk", "matryoshka"], default="relu",
+p.add_argument("--arch", choices=["relu", "topk", "batchtopk", "matryoshka", "jumprelu"], default="relu",
                help="relu: ReLU and an L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k largest; "
-                    "matryoshka: batchtopk, each prefix of the features trained to reconstruct alone")
+                    "matryoshka: batchtopk, each prefix of the features trained to reconstruct alone; jumprelu: "
+                    "pre where pre > a learnt threshold, and an L0 penalty")
 p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token (batchtopk: on average)")
 p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
 p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
 p.add_argument("--threshold_rate", type=float, default=0.1, help="batchtopk: the threshold's running-average rate")
 p.add_argument("--prefixes", default=None, help="matryoshka: nested widths, ending at --d_sae (default: d_sae/32, /16 .. 1)")
+p.add_argument("--l0_coef", type=float, default=1e-3, help="jumprelu: λ, the weight of the L0 penalty")
+p.add_argument("--target_l0", type=float, default=None, help="jumprelu: penalise λ target (L0/target - 1)^2, not λ L0")
+p.add_argument("--l0_warmup", type=int, default=None, help="jumprelu: λ's linear warm-up (default: a tenth of the run)")
+p.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu: ε, the straight-through window's width at θ")
+p.add_argument("--sparsity", choices=["step", "tanh"], default="step", help="jumprelu: L0, or Anthropic's tanh(4f)")
+p.add_argument("--preact_coef", type=float, default=0.0, help="jumprelu: weight of dead features' pre-activation loss")
 p.add_argument("--l1", type=float, default=8e-5, help="relu: L1 coefficient")
 p.add_argument("--l1_warmup", type=int, default=0, help="relu: steps of linear L1 warm-up (0: none)")
 p.add_argument("--loss", choices=["seed", "saelens"], default="seed",
@@ -120,6 +127,8 @@ def parse_args(argv=None):
     # Short runs warm up and revive too: a 488-step run would never see 5,000 steps.
     if args.lr_warmup is None:
         args.lr_warmup = min(5000, args.tokens // max(1, args.batch) // 10)
+    if args.arch == "jumprelu" and args.l0_warmup is None:
+        args.l0_warmup = args.tokens // max(1, args.batch) // 10
     if args.dead_tokens is None:
         args.dead_tokens = min(5000 * 4096 if args.arch == "relu" else 10_000_000, args.tokens // 10)
     return args
@@ -214,13 +223,14 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch", batch_
     return loss, parts, fires, x_hat
 
 
-def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch", prefixes=None):
+def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch", prefixes=None, sparsity=None):
     """loss, its parts (detached), each feature's firing count, x_hat, and the batch's smallest
     kept activation (batchtopk, matryoshka; else None), for a TopK or BatchTopK SAE on x [B, d]
     (fp32). dead [m] (bool): the dead features, which AuxK trains. shared: x is this rank's slice
     of the batch, and every rank holds a copy of the SAE (data-parallel training). impl: the sparse
     products in "torch" or "triton" (kernels.py). prefixes (matryoshka): the nested widths, whose
-    reconstructions' losses are added to the whole SAE's."""
+    reconstructions' losses are added to the whole SAE's. sparsity (jumprelu): (λ, target L0 or None,
+    ε, "step" or "tanh", the pre-activation loss's weight); its penalty replaces AuxK."""
     B, m = len(x), sae.b_enc.shape[0]
     batch_mean, gather = (runs.all_mean, runs.gather_rows) if shared else (lambda t: t, lambda t: t)
     pre = kernels.dense_pre(x, sae.W_enc, sae.b_enc, sae.b_dec)          # [B, m], the one dense GEMM
@@ -229,6 +239,12 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
         top = pre.topk(k, dim=1, sorted=False)
         kept, cols = top.values.flatten(), top.indices.flatten()      # [B k]
         rows = torch.arange(B, device=x.device).repeat_interleave(k)  # [B k]
+    elif arch == "jumprelu":  # f = pre where pre > θ = exp(log θ), per feature (Rajamanoharan et al. 2024)
+        coef, target, eps, mode, preact = sparsity
+        theta = sae.log_threshold.exp()                               # [m], fp32
+        rows, cols = torch.nonzero(pre > theta).unbind(1)             # [N] each, by row
+        kept = pre[rows, cols]                                        # [N]
+        near_rows, near_cols = torch.nonzero((pre - theta.detach()).abs() < eps / 2).unbind(1)  # within ε/2 of θ
     else:
         # The n = k B largest entries of the whole batch. Those on this rank are among its own n
         # largest, so each rank offers those, and the n-th largest of all the offers is the cut.
@@ -244,7 +260,7 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     # the residual the live features leave. Dense over the dead columns, however many: five bf16 GEMMs
     # of B n_dead d beat B n_aux gathered fp32 rows on a GPU up to n_dead ~ 200 k_aux (bench.py's AuxK row).
     n_dead = int(dead.sum())
-    n_aux = min(k_aux, n_dead) if auxk_coef > 0 else 0
+    n_aux = min(k_aux, n_dead) if auxk_coef > 0 and not sparsity else 0
     del pre
     values = kernels.SparsePre.apply(kept, x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, impl)  # [N]
     f = torch.relu(values)                                             # [N]
@@ -257,6 +273,21 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     else:
         x_hats = (kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec)[None]  # [1, B, d]
     x_hat = x_hats[-1]                                                 # [B, d]
+    sparse_loss = torch.zeros((), device=x.device)
+    if sparsity:  # θ's straight-through gradients: the jump at θ, smoothed by a rectangle of width ε, gives
+        # d f/d θ = -θ/ε and d H(pre - θ)/d θ = -1/ε on the entries near θ. Each term below is 0 in value and
+        # carries that gradient: (θ - θ.detach()) / ε times the pseudo-derivative's other factor.
+        jump = (theta[near_cols] - theta[near_cols].detach()) / eps   # [n_near], all 0
+        x_hat = x_hat - kernels.sparse_decode(near_rows, near_cols, theta[near_cols].detach() * jump,
+                                              sae.W_dec.detach(), B, impl)
+        penalty = torch.ones_like(f) if mode == "step" else torch.tanh(4 * f)  # each kept entry's, with f's gradient
+        at_theta = 1 if mode == "step" else torch.tanh(4 * theta[near_cols].detach())
+        l0 = (penalty.sum() - (at_theta * jump).sum()) / B
+        sparse_loss = coef * (target * (l0 / target - 1) ** 2 if target else l0)
+        if preact and n_dead:  # Anthropic (2025): dead features' pre-activations are pulled up to θ
+            on = dead.nonzero().squeeze(1)
+            pre_dead = kernels.Encode.apply(x, sae.W_enc[:, on], sae.b_enc[on], sae.b_dec)  # [B, n_dead]
+            sparse_loss = sparse_loss + preact * torch.relu(theta[on].detach() - pre_dead).sum(1).mean()
     fires = torch.bincount(cols[f > 0], minlength=m)                   # [m]
     # The normalised MSE, 1 - explained variance: the scale of the data does not matter.
     spread = batch_mean((x - batch_mean(x.mean(0))).pow(2).sum(1).mean())
@@ -273,8 +304,9 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
         e_hat = aux_pre @ sae.W_dec[on]                                # [B, d]
         e_spread = batch_mean((e - batch_mean(e.mean(0))).pow(2).sum(1).mean())
         aux_loss = auxk_coef * (e - e_hat).pow(2).sum(1).mean() / e_spread
-    parts = {"mse": mse_loss.detach(), "auxk": aux_loss.detach(), **({"nested": nested.detach()} if prefixes else {})}
-    return mse_loss + nested + aux_loss, parts, fires, x_hat, smallest_kept
+    parts = {"mse": mse_loss.detach(), **({"nested": nested.detach()} if prefixes else {}),
+             **({"sparsity": sparse_loss.detach()} if sparsity else {"auxk": aux_loss.detach()})}
+    return mse_loss + nested + sparse_loss + aux_loss, parts, fires, x_hat, smallest_kept
 
 # -----------------------------------------------------------------------------
 # Init, and the decoder constraint.
@@ -302,7 +334,7 @@ def init_from_data(sae, x):
     sae.b_dec.copy_(geometric_median(x))
     x_in = x[:16384] - sae.b_dec                                      # [n, d]
     pre = x_in @ sae.W_enc                                            # [n, m]
-    f = torch.relu(pre) if sae.arch == "relu" else topk_relu(pre, sae.k)  # BatchTopK: as TopK, on average
+    f = topk_relu(pre, sae.k) if sae.k else torch.relu(pre)  # BatchTopK: as TopK, on average; JumpReLU: ReLU
     x_hat = f @ sae.W_dec                                             # [n, d], b_dec left out
     sae.W_enc *= x_in.norm(dim=1).mean() / x_hat.norm(dim=1).mean()
 
@@ -372,8 +404,11 @@ def train_step(t, x, step, args, autocast, log, shared=False):
             dead = torch.nonzero(is_dead).squeeze(1) if args.ghost_grads else None
             loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
         else:
+            l0 = args.l0_coef * min(1.0, (step + 1) / args.l0_warmup) if args.l0_warmup else args.l0_coef
+            sparsity = (l0, args.target_l0, args.bandwidth, args.sparsity, args.preact_coef)
             loss, parts, fires, x_hat, smallest_kept = topk_loss(t.sae, x, args.arch, args.k, is_dead, args.k_aux,
-                                                                 args.auxk_coef, shared, args.kernels, args.prefixes)
+                                                                 args.auxk_coef, shared, args.kernels, args.prefixes,
+                                                                 sparsity if args.arch == "jumprelu" else None)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     if shared:  # the whole batch's gradient is the mean of the slices'; the counts, their sum
@@ -389,7 +424,9 @@ def train_step(t, x, step, args, autocast, log, shared=False):
     if unit_rows:
         normalize_decoder(t.sae)
     with torch.no_grad():
-        if t.sae.arch == "jumprelu":  # BatchTopK's threshold: starts at the first batch's cut, then follows it
+        if args.arch == "jumprelu":  # inference reads the threshold learnt
+            t.sae.threshold.copy_(t.sae.log_threshold.exp())
+        elif t.sae.arch == "jumprelu":  # BatchTopK's threshold: starts at the first batch's cut, then follows it
             t.sae.threshold.lerp_(smallest_kept.expand_as(t.sae.threshold), 1.0 if step == 0 else args.threshold_rate)
         t.since_fired = torch.where(fires > 0, 0, t.since_fired + 1)   # fires [m]: tokens each fired on
         t.fires += fires
@@ -403,7 +440,7 @@ def train_step(t, x, step, args, autocast, log, shared=False):
         return {**record, "loss": batch_mean(loss.detach()).item(), "l0": fires.sum().item() / args.batch,
                 "explained_variance": batch_mean(explained.mean()).item(),
                 "dead_pct": 100 * (t.since_fired >= dead_after(args)).float().mean().item(), "lr": lr,
-                **({"threshold": (t.sae.threshold[0] / t.scale).item()} if t.sae.arch == "jumprelu" else {})}
+                **({"threshold": (t.sae.threshold.mean() / t.scale).item()} if t.sae.arch == "jumprelu" else {})}
 
 
 @torch.no_grad()
@@ -521,7 +558,7 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items() if k != "log_threshold"}
     for k in ("b_enc", "b_dec", "threshold"):  # the threshold compares with pre, which is divided too
         if k in weights:
             weights[k] = weights[k] / scale
@@ -555,7 +592,12 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
 def new_trainee(layer, x, d, args):
     """A fresh SAE for `layer`, started on x [half, d] (None on resume: the checkpoint has it).
     Seeded by layer, so that an SAE does not depend on which other layers train beside it."""
-    sae = SAE(d, args.d_sae, args.seed * 1000 + layer, args.arch, args.k).to(args.device)
+    k = args.k if args.arch in ("topk", "batchtopk", "matryoshka") else None  # None: init as a ReLU
+    sae = SAE(d, args.d_sae, args.seed * 1000 + layer, args.arch, k)
+    if args.arch == "jumprelu":  # θ learnt in fp32 as log θ; it starts at 0.01, so the SAE starts as a ReLU
+        sae.log_threshold = nn.Parameter(torch.full((args.d_sae,), math.log(0.01)))
+        sae.threshold.fill_(0.01)
+    sae = sae.to(args.device)
     scale = 1.0
     if x is not None:
         if args.normalize:  # mean norm sqrt(d): a norm of 10 or of 1000 trains alike
@@ -572,7 +614,7 @@ def check_args(args):
     """One line naming the first flag with a value that cannot work; the layers, as a list."""
     runs.check_inputs(args, "d_sae", "batch", "tokens", "buffer", "gpt2_batch", "log_every", "density_window",
                       "checkpoint_every")
-    for flag in ("lr_warmup", "l1_warmup", "dead_tokens", "l1", "clip_grad"):
+    for flag in ("lr_warmup", "l1_warmup", "dead_tokens", "l1", "clip_grad", "l0_coef", "preact_coef"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
     if args.lr <= 0:
@@ -588,6 +630,9 @@ def check_args(args):
         raise ValueError(f"--k {args.k}: expected 1..{args.d_sae} (--d_sae)")
     if args.k_aux < 1 or args.auxk_coef < 0:
         raise ValueError(f"--k_aux {args.k_aux} --auxk_coef {args.auxk_coef}: expected k_aux >= 1 and auxk_coef >= 0")
+    for flag in ("bandwidth", "target_l0"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     if not 0 < args.threshold_rate <= 1:
         raise ValueError(f"--threshold_rate {args.threshold_rate}: expected a rate in (0, 1]")
     if args.tokens < args.batch and not args.save_activations:
@@ -604,7 +649,8 @@ def check_args(args):
 
 ARCH_FLAGS = {"relu": ("l1", "l1_warmup", "loss", "ghost_grads"), "topk": ("k", "auxk_coef", "k_aux"),
               "batchtopk": ("k", "auxk_coef", "k_aux", "threshold_rate"),
-              "matryoshka": ("k", "auxk_coef", "k_aux", "threshold_rate", "prefixes")}  # the flags only some recipes read
+              "matryoshka": ("k", "auxk_coef", "k_aux", "threshold_rate", "prefixes"),
+              "jumprelu": ("l0_coef", "target_l0", "l0_warmup", "bandwidth", "sparsity", "preact_coef")}  # only theirs
 
 
 def matmul_precision(args):  # auto: bf16 on CUDA; fp32 elsewhere (CPU, Apple's MPS)
