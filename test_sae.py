@@ -662,13 +662,14 @@ def test_output_is_saelens_format_and_reloads(tiny, tmp_path):
     train_sae.main(tiny_args(tiny, out, "--layer", "1", "--force"))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
 def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
     """topk is saved as SAELens's "topk" with its k; batchtopk and matryoshka as "jumprelu" with the
-    threshold learnt in training, matryoshka with its widths. eval.py's loader reads them back to
-    the trained function, and scores each of matryoshka's prefixes as their float64 reconstructions."""
+    threshold learnt in training, matryoshka with its widths, jumprelu with one threshold per feature.
+    eval.py's loader reads them back to the trained function, and scores each of matryoshka's
+    prefixes as their float64 reconstructions."""
     out = tmp_path / "run"
-    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1", "--arch", arch, "--k", "4",
+    (t,) = train_sae.main(tiny_args(tiny, out, "--layer", "1", "--arch", arch, *(["--k", "4"] if arch != "jumprelu" else []),
                                     *(["--prefixes", "8,24,64"] if arch == "matryoshka" else [])))
     folder = out / "blocks.1.hook_resid_pre"
     cfg, weights = json.load(open(folder / "cfg.json")), sae_weights(folder)
@@ -679,10 +680,13 @@ def test_topk_output_is_saelens_format_and_reloads(tiny, tmp_path, arch):
     else:
         assert (cfg["architecture"], cfg["activation_fn_str"]) == ("jumprelu", "relu")
         theta = weights["threshold"]
-        assert theta.shape == (64,) and (theta == theta[0]).all() and theta[0] > 0
-        assert abs(theta[0].item() - t.sae.threshold[0].item() / s) < 1e-6 * theta[0].item()  # in input units
+        assert theta.shape == (64,) and ((theta == theta[0]).all() != (arch == "jumprelu")) and (theta > 0).all()
+        learnt = t.sae.log_threshold.exp() if arch == "jumprelu" else t.sae.threshold  # jumprelu: log θ trains
+        assert torch.allclose(theta, learnt.detach() / s, rtol=1e-6)  # in input units
+        assert "log_threshold" not in weights
     records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert {"mse", "auxk", "l0", "explained_variance", "dead_pct"} <= set(records[-1])
+    assert {"mse", "l0", "explained_variance", "dead_pct"} <= set(records[-1])
+    assert ("auxk" in records[-1]) != ("sparsity" in records[-1]) == (arch == "jumprelu")
     assert ("threshold" in records[-1]) == (arch != "topk") and "l1" not in records[-1]
     assert ("nested" in records[-1]) == (cfg.get("matryoshka_widths") == [8, 24, 64]) == (arch == "matryoshka")
     sae, layer, center = evaluation.load_sae(str(folder), 64)
@@ -2230,6 +2234,10 @@ BAD_INPUT = [
      "error: --prefixes 512,4096: expected increasing widths ending at --d_sae (24576)"),
     (["train_sae.py", "--arch", "matryoshka", "--prefixes", "half,all"], "error: --prefixes half,all: expected comma-separated"),
     (["train_sae.py", "--arch", "topk", "--prefixes", "512,24576"], "error: --prefixes 512,24576: not a flag of --arch topk"),
+    (["train_sae.py", "--arch", "jumprelu", "--target_l0", "0"], "error: --target_l0 0.0: expected a positive number"),
+    (["train_sae.py", "--arch", "jumprelu", "--bandwidth", "-1"], "error: --bandwidth -1.0: expected a positive number"),
+    (["train_sae.py", "--arch", "jumprelu", "--k", "16"], "error: --k 16: not a flag of --arch jumprelu"),
+    (["train_sae.py", "--target_l0", "30"], "error: --target_l0 30.0: not a flag of --arch relu"),
     (["train_sae.py", "--activations", "{tmp}/empty.npy", "--out", "{tmp}/run"], "error: {tmp}/empty.npy: not a complete .npy file"),
     (["train_sae.py", "--activations", "{tmp}/ints.npy", "--out", "{tmp}/run"],
      "error: {tmp}/ints.npy: int64 rows, expected floating-point activations"),
@@ -2395,13 +2403,16 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, how, capsys)
     assert not [n for n in os.listdir(tmp_path / "cut") if n.startswith(("ckpt-", "checkpoint"))]  # spent
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "jumprelu"])
 def test_batchtopk_resumes_after_a_kill_to_the_same_weights(tiny, tmp_path, arch):
     """The threshold and AuxK's dead-feature counters are checkpointed too (AuxK is on: an
-    8-batch dead window at k 2 leaves features dead)."""
-    extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", arch, "--k", "2"]
+    8-batch dead window at k 2 leaves features dead); jumprelu's log θ and its Adam moments, with
+    the pre-activation loss of dead features on."""
+    extra = ["--layer", "1", "--checkpoint_every", "256", "--arch", arch,
+             *(["--k", "2"] if arch != "jumprelu" else ["--l0_coef", "0.01", "--sparsity", "tanh", "--preact_coef", "0.1"])]
     train_sae.main(tiny_args(tiny, tmp_path / "whole", *extra, steps=120))
-    assert any(json.loads(line)["auxk"] > 0 for line in open(tmp_path / "whole" / "log.jsonl"))
+    key = "sparsity" if arch == "jumprelu" else "auxk"
+    assert any(json.loads(line)[key] > 0 for line in open(tmp_path / "whole" / "log.jsonl"))
     code, err = run_train(tiny_args(tiny, tmp_path / "cut", *extra, steps=120), signal_after_checkpoint=signal.SIGKILL)
     assert code == -9 and not os.path.exists(tmp_path / "cut" / "blocks.1.hook_resid_pre"), err
     train_sae.main(["--resume", str(tmp_path / "cut")])
@@ -2638,11 +2649,12 @@ def test_torchrun_data_parallel_equals_one_process(tiny, tmp_path, single_runs):
         assert all(abs(a[k] - b[k]) <= 1e-4 * max(1e-3, abs(b[k])) for k in ("mse", "l1", "ghost", "l0", "dead_pct"))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
 def test_torchrun_data_parallel_topk_equals_one_process(tiny, tmp_path, arch):
     """Each rank holds half of every batch. BatchTopK's cut is the whole batch's, found from every
     rank's candidates, so every rank keeps what one process would and moves the threshold alike."""
-    flags = ("--layer", "2", "--arch", arch, "--k", "2", "--d_sae", "256", "--dead_tokens", "256")
+    flags = ("--layer", "2", "--arch", arch, *(["--k", "2"] if arch != "jumprelu" else ["--l0_coef", "0.01"]),
+             "--d_sae", "256", "--dead_tokens", "256")
     code, err = run_train(tiny_args(tiny, tmp_path / "one", *flags, steps=100))
     assert code == 0, err
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -2651,8 +2663,8 @@ def test_torchrun_data_parallel_topk_equals_one_process(tiny, tmp_path, arch):
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_saes(tmp_path / "one", tmp_path / "dp", [2], tol=1e-5)
     ours, theirs = ([json.loads(line) for line in open(run / "log.jsonl")] for run in (tmp_path / "dp", tmp_path / "one"))
-    assert any(r["auxk"] > 0 for r in theirs)
-    keys = ("mse", "auxk", "l0", "dead_pct") + (("threshold",) if arch != "topk" else ())
+    assert any(r["auxk" if arch != "jumprelu" else "sparsity"] > 0 for r in theirs)
+    keys = ("mse", "l0", "dead_pct") + (("threshold",) if arch != "topk" else ()) + (("auxk",) if arch != "jumprelu" else ())
     keys += ("nested",) if arch == "matryoshka" else ()
     for a, b in zip(ours, theirs):
         assert all(abs(a[k] - b[k]) <= 1e-4 * max(1e-3, abs(b[k])) for k in keys), (a, b)
