@@ -2236,7 +2236,7 @@ BAD_INPUT = [
     (["train_sae.py", "--arch", "topk", "--prefixes", "512,24576"], "error: --prefixes 512,24576: not a flag of --arch topk"),
     (["train_sae.py", "--arch", "jumprelu", "--target_l0", "0"], "error: --target_l0 0.0: expected a positive number"),
     (["train_sae.py", "--arch", "jumprelu", "--bandwidth", "-1"], "error: --bandwidth -1.0: expected a positive number"),
-    (["train_sae.py", "--arch", "jumprelu", "--k", "16"], "error: --k 16: not a flag of --arch jumprelu"),
+    (["train_sae.py", "--arch", "jumprelu", "--threshold_rate", "0.5"], "error: --threshold_rate 0.5: not a flag of --arch jumprelu"),
     (["train_sae.py", "--target_l0", "30"], "error: --target_l0 30.0: not a flag of --arch relu"),
     (["train_sae.py", "--activations", "{tmp}/empty.npy", "--out", "{tmp}/run"], "error: {tmp}/empty.npy: not a complete .npy file"),
     (["train_sae.py", "--activations", "{tmp}/ints.npy", "--out", "{tmp}/run"],

@@ -57,10 +57,9 @@ p.add_argument("--lr", type=float, default=None, help="Adam learning rate (defau
 p.add_argument("--lr_warmup", type=int, default=None, help="lr warm-up steps (default: 5,000, at most a tenth of the run)")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
 p.add_argument("--arch", choices=["relu", "topk", "batchtopk", "matryoshka", "jumprelu"], default="relu",
-               help="relu: ReLU and an L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k largest; "
-                    "matryoshka: batchtopk, each prefix of the features trained to reconstruct alone; jumprelu: "
-                    "pre where pre > a learnt threshold, and an L0 penalty")
-p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token (batchtopk: on average)")
+               help="relu: ReLU, L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k largest; matryoshka: "
+                    "batchtopk, each prefix trained to reconstruct alone; jumprelu: pre > a learnt θ, L0 penalty")
+p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token; jumprelu: at first")
 p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
 p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
 p.add_argument("--threshold_rate", type=float, default=0.1, help="batchtopk: the threshold's running-average rate")
@@ -118,10 +117,10 @@ def parse_args(argv=None):
     args.layer = "9" if args.layer is None else args.layer
     if args.arch == "matryoshka":  # each width double the last (Bussmann et al. 2025 use a few such groups)
         try:
-            args.prefixes = [int(w) for w in args.prefixes.split(",")] if args.prefixes else None
+            args.prefixes = ([int(w) for w in args.prefixes.split(",")] if args.prefixes else
+                             sorted({max(1, args.d_sae >> i) for i in range(6)}))
         except ValueError:
             raise ValueError(f"--prefixes {args.prefixes}: expected comma-separated widths") from None
-        args.prefixes = args.prefixes or sorted({max(1, args.d_sae >> i) for i in range(6)})
     if args.lr is None:  # relu: Bloom's; topk and batchtopk: measured on real activations (docs/results.md)
         args.lr = 4e-4 if args.arch == "relu" else 2e-3
     # Short runs warm up and revive too: a 488-step run would never see 5,000 steps.
@@ -224,12 +223,11 @@ def sae_loss(sae, x, l1_coef, dead=None, convention="seed", impl="torch", batch_
 
 
 def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch", prefixes=None, sparsity=None):
-    """loss, its parts (detached), each feature's firing count, x_hat, and the batch's smallest
-    kept activation (batchtopk, matryoshka; else None), for a TopK or BatchTopK SAE on x [B, d]
-    (fp32). dead [m] (bool): the dead features, which AuxK trains. shared: x is this rank's slice
-    of the batch, and every rank holds a copy of the SAE (data-parallel training). impl: the sparse
-    products in "torch" or "triton" (kernels.py). prefixes (matryoshka): the nested widths, whose
-    reconstructions' losses are added to the whole SAE's. sparsity (jumprelu): (λ, target L0 or None,
+    """loss, its parts (detached), each feature's firing count, x_hat, and the batch's smallest kept
+    activation (batchtopk, matryoshka; else None), for a sparse SAE on x [B, d] (fp32). dead [m] (bool):
+    the dead features, which AuxK trains. shared: x is this rank's slice of the batch, and every rank
+    holds a copy of the SAE. impl: "torch" or "triton" (kernels.py). prefixes (matryoshka): the nested
+    widths, whose reconstructions' losses add to the SAE's. sparsity (jumprelu): (λ, target L0 or None,
     ε, "step" or "tanh", the pre-activation loss's weight); its penalty replaces AuxK."""
     B, m = len(x), sae.b_enc.shape[0]
     batch_mean, gather = (runs.all_mean, runs.gather_rows) if shared else (lambda t: t, lambda t: t)
@@ -274,9 +272,8 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
         x_hats = (kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec)[None]  # [1, B, d]
     x_hat = x_hats[-1]                                                 # [B, d]
     sparse_loss = torch.zeros((), device=x.device)
-    if sparsity:  # θ's straight-through gradients: the jump at θ, smoothed by a rectangle of width ε, gives
-        # d f/d θ = -θ/ε and d H(pre - θ)/d θ = -1/ε on the entries near θ. Each term below is 0 in value and
-        # carries that gradient: (θ - θ.detach()) / ε times the pseudo-derivative's other factor.
+    if sparsity:  # θ's straight-through gradients, the jump smoothed by a rectangle of width ε: d f/d θ = -θ/ε,
+        # d H(pre - θ)/d θ = -1/ε near θ. Each term below is 0, with that gradient: (θ - θ.detach()) / ε x the rest.
         jump = (theta[near_cols] - theta[near_cols].detach()) / eps   # [n_near], all 0
         x_hat = x_hat - kernels.sparse_decode(near_rows, near_cols, theta[near_cols].detach() * jump,
                                               sae.W_dec.detach(), B, impl)
@@ -330,13 +327,18 @@ def init_from_data(sae, x):
     reconstructions are as long as their inputs. With W_enc = W_dec^T alone they are about
     m / (2d) times too long: about half of the features fire on x' = x - b_dec, and each adds its
     unit row's component along x' (derivation in docs/design.md). b_enc is 0 and ReLU and TopK are
-    homogeneous, so one factor on W_enc sets the length (a TopK SAE's k features add about k / d)."""
+    homogeneous, so one factor on W_enc sets the length (a TopK SAE's k features add about k / d).
+    A JumpReLU's θ starts at the cut that keeps k entries a token on average, as BatchTopK's does."""
     sae.b_dec.copy_(geometric_median(x))
     x_in = x[:16384] - sae.b_dec                                      # [n, d]
     pre = x_in @ sae.W_enc                                            # [n, m]
-    f = topk_relu(pre, sae.k) if sae.k else torch.relu(pre)  # BatchTopK: as TopK, on average; JumpReLU: ReLU
+    f = topk_relu(pre, sae.k) if sae.k else torch.relu(pre)  # BatchTopK and JumpReLU: as TopK, on average
     x_hat = f @ sae.W_dec                                             # [n, d], b_dec left out
-    sae.W_enc *= x_in.norm(dim=1).mean() / x_hat.norm(dim=1).mean()
+    factor = x_in.norm(dim=1).mean() / x_hat.norm(dim=1).mean()
+    sae.W_enc *= factor
+    if hasattr(sae, "log_threshold"):
+        sae.threshold.fill_((factor * pre.flatten().topk(len(pre) * sae.k).values[-1]).clamp_min(1e-3))  # θ > 0
+        sae.log_threshold.copy_(sae.threshold.log())
 
 
 @torch.no_grad()
@@ -405,10 +407,9 @@ def train_step(t, x, step, args, autocast, log, shared=False):
             loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
         else:
             l0 = args.l0_coef * min(1.0, (step + 1) / args.l0_warmup) if args.l0_warmup else args.l0_coef
-            sparsity = (l0, args.target_l0, args.bandwidth, args.sparsity, args.preact_coef)
+            sparsity = (l0, args.target_l0, args.bandwidth, args.sparsity, args.preact_coef) if args.arch == "jumprelu" else None
             loss, parts, fires, x_hat, smallest_kept = topk_loss(t.sae, x, args.arch, args.k, is_dead, args.k_aux,
-                                                                 args.auxk_coef, shared, args.kernels, args.prefixes,
-                                                                 sparsity if args.arch == "jumprelu" else None)
+                                                                 args.auxk_coef, shared, args.kernels, args.prefixes, sparsity)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     if shared:  # the whole batch's gradient is the mean of the slices'; the counts, their sum
@@ -592,11 +593,10 @@ def save_sae(folder, sae, density, layer, args, scale=1.0):
 def new_trainee(layer, x, d, args):
     """A fresh SAE for `layer`, started on x [half, d] (None on resume: the checkpoint has it).
     Seeded by layer, so that an SAE does not depend on which other layers train beside it."""
-    k = args.k if args.arch in ("topk", "batchtopk", "matryoshka") else None  # None: init as a ReLU
+    k = None if args.arch == "relu" else round(args.target_l0) if args.target_l0 else args.k  # None: init as a ReLU
     sae = SAE(d, args.d_sae, args.seed * 1000 + layer, args.arch, k)
-    if args.arch == "jumprelu":  # θ learnt in fp32 as log θ; it starts at 0.01, so the SAE starts as a ReLU
-        sae.log_threshold = nn.Parameter(torch.full((args.d_sae,), math.log(0.01)))
-        sae.threshold.fill_(0.01)
+    if args.arch == "jumprelu":  # θ = exp(log θ), learnt per feature in fp32; init_from_data starts it
+        sae.log_threshold = nn.Parameter(torch.zeros(args.d_sae))
     sae = sae.to(args.device)
     scale = 1.0
     if x is not None:
@@ -650,7 +650,7 @@ def check_args(args):
 ARCH_FLAGS = {"relu": ("l1", "l1_warmup", "loss", "ghost_grads"), "topk": ("k", "auxk_coef", "k_aux"),
               "batchtopk": ("k", "auxk_coef", "k_aux", "threshold_rate"),
               "matryoshka": ("k", "auxk_coef", "k_aux", "threshold_rate", "prefixes"),
-              "jumprelu": ("l0_coef", "target_l0", "l0_warmup", "bandwidth", "sparsity", "preact_coef")}  # only theirs
+              "jumprelu": ("k", "l0_coef", "target_l0", "l0_warmup", "bandwidth", "sparsity", "preact_coef")}
 
 
 def matmul_precision(args):  # auto: bf16 on CUDA; fp32 elsewhere (CPU, Apple's MPS)
