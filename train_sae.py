@@ -265,9 +265,9 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     if prefixes:  # Matryoshka: group g (features prefixes[g-1] to prefixes[g]) adds to the prefixes from g on,
         # so the nested reconstructions are running sums of one sparse decode per group of the kept entries.
         group = torch.bucketize(cols, torch.tensor(prefixes[:-1], device=x.device), right=True)  # [N]
-        parts = [kernels.sparse_decode(rows[group == g], cols[group == g], f[group == g], sae.W_dec, B, impl)
-                 for g in range(len(prefixes))]                        # [B, d] each
-        x_hats = sae.b_dec + torch.stack(parts).cumsum(0)              # [prefixes, B, d]
+        adds = [kernels.sparse_decode(rows[group == g], cols[group == g], f[group == g], sae.W_dec, B, impl)
+                for g in range(len(prefixes))]                         # [B, d] each: what group g adds
+        x_hats = sae.b_dec + torch.stack(adds).cumsum(0)               # [prefixes, B, d]
     else:
         x_hats = (kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec)[None]  # [1, B, d]
     x_hat = x_hats[-1]                                                 # [B, d]
