@@ -590,6 +590,15 @@ def test_topk_learns_a_known_dictionary(tmp_path):
     assert per_token.max() == 3 and (per_token == 3).double().mean() > 0.9
 
 
+def test_jumprelu_target_l0_is_met_at_inference(tmp_path):
+    """--target_l0 3 on the known dictionary: the saved JumpReLU fires 3 times per held-out sample
+    on average, within 15% (its λ, 1 by default with a target, makes the target a constraint)."""
+    _, _, sae, held_out = known_dictionary_run(tmp_path, "--arch", "jumprelu", "--target_l0", "3", steps=800)
+    with torch.no_grad():
+        l0 = (sae(held_out)[1] > 0).sum(1).double().mean().item()
+    assert abs(l0 - 3) < 0.15 * 3, l0
+
+
 def test_batchtopk_threshold_gives_k_at_inference(tmp_path):
     """The saved JumpReLU, with the threshold learnt in training, fires k times per held-out
     sample on average, within 10%."""

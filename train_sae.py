@@ -57,14 +57,14 @@ p.add_argument("--lr", type=float, default=None, help="Adam learning rate (defau
 p.add_argument("--lr_warmup", type=int, default=None, help="lr warm-up steps (default: 5,000, at most a tenth of the run)")
 p.add_argument("--lr_decay", choices=["none", "cosine"], default="none", help="after warm-up: constant, or cosine to 0")
 p.add_argument("--arch", choices=["relu", "topk", "batchtopk", "matryoshka", "jumprelu"], default="relu",
-               help="relu: ReLU, L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k largest; matryoshka: "
-                    "batchtopk, each prefix trained to reconstruct alone; jumprelu: pre > a learnt θ, L0 penalty")
+               help="relu: L1 penalty; topk: each token's k largest; batchtopk: the batch's B*k; matryoshka: batchtopk, "
+                    "each prefix reconstructing alone; jumprelu: pre > a learnt θ, L0 penalty")
 p.add_argument("--k", type=int, default=32, help="topk, batchtopk: features active per token; jumprelu: at first")
 p.add_argument("--auxk_coef", type=float, default=1 / 32, help="topk, batchtopk: weight of the AuxK loss (0: off)")
 p.add_argument("--k_aux", type=int, default=512, help="topk, batchtopk: dead features per token that AuxK trains")
 p.add_argument("--threshold_rate", type=float, default=0.1, help="batchtopk: the threshold's running-average rate")
 p.add_argument("--prefixes", default=None, help="matryoshka: nested widths, ending at --d_sae (default: d_sae/32, /16 .. 1)")
-p.add_argument("--l0_coef", type=float, default=1e-3, help="jumprelu: λ, the weight of the L0 penalty")
+p.add_argument("--l0_coef", type=float, default=None, help="jumprelu: λ (default: 1e-3; 1 with --target_l0)")
 p.add_argument("--target_l0", type=float, default=None, help="jumprelu: penalise λ target (L0/target - 1)^2, not λ L0")
 p.add_argument("--l0_warmup", type=int, default=None, help="jumprelu: λ's linear warm-up (default: a tenth of the run)")
 p.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu: ε, the straight-through window's width at θ")
@@ -123,11 +123,11 @@ def parse_args(argv=None):
             raise ValueError(f"--prefixes {args.prefixes}: expected comma-separated widths") from None
     if args.lr is None:  # relu: Bloom's; topk and batchtopk: measured on real activations (docs/results.md)
         args.lr = 4e-4 if args.arch == "relu" else 2e-3
-    # Short runs warm up and revive too: a 488-step run would never see 5,000 steps.
-    if args.lr_warmup is None:
+    if args.lr_warmup is None:  # short runs warm up and revive too: a 488-step run would never see 5,000 steps
         args.lr_warmup = min(5000, args.tokens // max(1, args.batch) // 10)
-    if args.arch == "jumprelu" and args.l0_warmup is None:
-        args.l0_warmup = args.tokens // max(1, args.batch) // 10
+    if args.arch == "jumprelu":  # a target is a constraint: λ 1 holds L0 within 10% of it (docs/design.md)
+        args.l0_coef = (1.0 if args.target_l0 else 1e-3) if args.l0_coef is None else args.l0_coef
+        args.l0_warmup = args.tokens // max(1, args.batch) // 10 if args.l0_warmup is None else args.l0_warmup
     if args.dead_tokens is None:
         args.dead_tokens = min(5000 * 4096 if args.arch == "relu" else 10_000_000, args.tokens // 10)
     return args
@@ -328,7 +328,7 @@ def init_from_data(sae, x):
     m / (2d) times too long: about half of the features fire on x' = x - b_dec, and each adds its
     unit row's component along x' (derivation in docs/design.md). b_enc is 0 and ReLU and TopK are
     homogeneous, so one factor on W_enc sets the length (a TopK SAE's k features add about k / d).
-    A JumpReLU's θ starts at the cut that keeps k entries a token on average, as BatchTopK's does."""
+    A JumpReLU's θ starts, per feature, at the cut that has each fire on k/m of the tokens."""
     sae.b_dec.copy_(geometric_median(x))
     x_in = x[:16384] - sae.b_dec                                      # [n, d]
     pre = x_in @ sae.W_enc                                            # [n, m]
@@ -337,7 +337,8 @@ def init_from_data(sae, x):
     factor = x_in.norm(dim=1).mean() / x_hat.norm(dim=1).mean()
     sae.W_enc *= factor
     if hasattr(sae, "log_threshold"):
-        sae.threshold.fill_((factor * pre.flatten().topk(len(pre) * sae.k).values[-1]).clamp_min(1e-3))  # θ > 0
+        per_feature = len(pre) * sae.k // pre.shape[1]  # the entries of each feature above its θ: k a token in all
+        sae.threshold.copy_((factor * pre.topk(max(1, per_feature), dim=0).values[-1]).clamp_min(1e-3))  # θ > 0
         sae.log_threshold.copy_(sae.threshold.log())
 
 
@@ -372,9 +373,10 @@ class Trainee:
 
 
 def adam(sae, lr):
-    """Adam, fused: one pass over the weights per step instead of one per operation. On CPU at
-    d 768, m 24,576 it takes 0.04 s a step instead of 0.33 s, which matters beside TopK's one GEMM."""
-    return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    """Adam, fused: one pass over the weights a step, not one per operation (0.04 s instead of 0.33 s on
+    CPU at m 24,576). JumpReLU's log θ at 10 times the lr, to follow the pre-activations (docs/design.md)."""
+    rest, theta = ([p for name, p in sae.named_parameters() if (name == "log_threshold") == is_theta] for is_theta in (0, 1))
+    return torch.optim.Adam([{"params": rest}, {"params": theta, "lr_scale": 10}], lr=lr, fused=True)
 
 
 def lr_at(step, args):
@@ -399,7 +401,7 @@ def train_step(t, x, step, args, autocast, log, shared=False):
     lr = lr_at(step, args)
     l1 = args.l1 * min(1.0, (step + 1) / args.l1_warmup) if args.l1_warmup else args.l1
     for group in t.opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1)
     is_dead = t.since_fired >= dead_after(args)                        # [m]
     with autocast():
         if args.arch == "relu":
@@ -614,11 +616,9 @@ def check_args(args):
     """One line naming the first flag with a value that cannot work; the layers, as a list."""
     runs.check_inputs(args, "d_sae", "batch", "tokens", "buffer", "gpt2_batch", "log_every", "density_window",
                       "checkpoint_every")
-    for flag in ("lr_warmup", "l1_warmup", "dead_tokens", "l1", "clip_grad", "l0_coef", "preact_coef"):
+    for flag in ("lr_warmup", "l1_warmup", "dead_tokens", "l1", "clip_grad", "preact_coef"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected zero or more")
-    if args.lr <= 0:
-        raise ValueError(f"--lr {args.lr}: expected a positive learning rate")
     for flag in sorted({f for flags in ARCH_FLAGS.values() for f in flags} - set(ARCH_FLAGS[args.arch])):
         if getattr(args, flag) != p.get_default(flag):  # another recipe's flag: this one would ignore it
             raise ValueError(f"--{flag} {getattr(args, flag)}: not a flag of --arch {args.arch}, which would ignore it")
@@ -630,7 +630,7 @@ def check_args(args):
         raise ValueError(f"--k {args.k}: expected 1..{args.d_sae} (--d_sae)")
     if args.k_aux < 1 or args.auxk_coef < 0:
         raise ValueError(f"--k_aux {args.k_aux} --auxk_coef {args.auxk_coef}: expected k_aux >= 1 and auxk_coef >= 0")
-    for flag in ("bandwidth", "target_l0"):
+    for flag in ("lr", "l0_coef", "bandwidth", "target_l0"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     if not 0 < args.threshold_rate <= 1:
