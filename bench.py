@@ -173,6 +173,9 @@ def ours_step_seconds(device, batch, reps, loss="seed", precision="fp32", clip=0
     torch.manual_seed(0)
     x = torch.randn(batch, D).to(device)
     sae = train_sae.SAE(D, M, arch=arch, k=TOPK).to(device)
+    if arch == "jumprelu":  # its θ as training starts it: each feature fires on TOPK/M of the tokens
+        sae.log_threshold = torch.nn.Parameter(torch.zeros(M, device=device))
+        train_sae.init_from_data(sae, x)
     with torch.no_grad():  # 50: past every pre-activation (x, W_dec share seed 0: feature b < batch is ~28 on token b)
         sae.b_enc[:dead] -= 50
         sae.b_enc[M - hot:] += 50
@@ -242,7 +245,9 @@ def cpu_step():
                                          (f"ours, --arch topk --k {TOPK}", "seed", 1.0, "topk", 0),
                                          (f"ours, --arch topk --k {TOPK}, 25% of features dead (AuxK, k_aux 512)", "seed",
                                           1.0, "topk", M // 4),
-                                         (f"ours, --arch batchtopk --k {TOPK}", "seed", 1.0, "batchtopk", 0)]:
+                                         (f"ours, --arch batchtopk --k {TOPK}", "seed", 1.0, "batchtopk", 0),
+                                         (f"ours, --arch matryoshka --k {TOPK} (6 prefixes)", "seed", 1.0, "matryoshka", 0),
+                                         (f"ours, --arch jumprelu, L0 {TOPK} at the start", "seed", 1.0, "jumprelu", 0)]:
         s = ours_step_seconds("cpu", batch, args.step_reps, loss, "fp32", clip, arch=arch, dead=dead)
         ours_relu = s if loss == "seed" and arch == "relu" else ours_relu
         vs_topk = f"{s / topk_theirs:.2f}x, {s / ours_relu:.2f}x of our relu" if arch != "relu" and topk_theirs else "-"

@@ -263,11 +263,11 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     values = kernels.SparsePre.apply(kept, x, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols, impl)  # [N]
     f = torch.relu(values)                                             # [N]
     if prefixes:  # Matryoshka: group g (features prefixes[g-1] to prefixes[g]) adds to the prefixes from g on,
-        # so the nested reconstructions are running sums of one sparse decode per group of the kept entries.
-        group = torch.bucketize(cols, torch.tensor(prefixes[:-1], device=x.device), right=True)  # [N]
-        adds = [kernels.sparse_decode(rows[group == g], cols[group == g], f[group == g], sae.W_dec, B, impl)
-                for g in range(len(prefixes))]                         # [B, d] each: what group g adds
-        x_hats = sae.b_dec + torch.stack(adds).cumsum(0)               # [prefixes, B, d]
+        # so the nested reconstructions are running sums of one sparse decode into a bag per (group, token).
+        bag = torch.bucketize(cols, torch.tensor(prefixes[:-1], device=x.device), right=True) * B + rows  # [N]
+        order = torch.argsort(bag, stable=True)                        # by group, then (as before) by token
+        adds = kernels.sparse_decode(bag[order], cols[order], f[order], sae.W_dec, len(prefixes) * B, impl)
+        x_hats = sae.b_dec + adds.view(len(prefixes), B, -1).cumsum(0)  # [prefixes, B, d]
     else:
         x_hats = (kernels.sparse_decode(rows, cols, f, sae.W_dec, B, impl) + sae.b_dec)[None]  # [1, B, d]
     x_hat = x_hats[-1]                                                 # [B, d]
