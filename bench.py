@@ -216,6 +216,7 @@ def cpu_step():
     batch = 1024
     rows = []
     theirs = topk_theirs = None
+    same_kind = {}  # SAELens's trainers of matryoshka's and jumprelu's kind
     if args.saelens_python:
         import subprocess
         def saelens_seconds(sae):
@@ -250,7 +251,7 @@ def cpu_step():
         for arch, s in same_kind.items():
             if s:
                 rows.append([f"SAELens's {arch} trainer", f"{s:.3f}", f"{s / theirs:.2f}x" if theirs else "-", "-"])
-    ours_relu, same_kind = None, locals().get("same_kind", {})
+    ours_relu = None
     for name, loss, clip, arch, dead in [("ours, --loss saelens --clip_grad 1 (the same math)", "saelens", 1.0, "relu", 0),
                                          ("ours, the seed's recipe: its loss, unit-norm decoder, no clip", "seed", 0.0, "relu", 0),
                                          (f"ours, --arch topk --k {TOPK}", "seed", 1.0, "topk", 0),

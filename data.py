@@ -32,10 +32,12 @@ def progress(label, done, total, t0, unit="B"):
     """One self-overwriting line on stderr. The rate is scaled by itself, not the total: slow progress never shows 0.0."""
     rate = done / max(time.time() - t0, 1e-9)
     (scale, prefix), (rate_scale, rate_prefix) = si_prefix(total or done), si_prefix(rate)
-    # A word leaves the prefixes on the numbers (12.3k/50.0k tokens); a symbol takes one (12.3/50.0 MB).
-    (p, rp), (up, rup) = ((prefix, rate_prefix), ("", "")) if len(unit) > 1 else (("", ""), (prefix, rate_prefix))
-    of = f"/{total / scale:,.1f}{p}" if total else ""
-    count, speed = f"{done / scale:,.1f}{p}{of} {up}{unit}", f"{rate / rate_scale:.2f}{rp} {rup}{unit}/s"
+    word = len(unit) > 1  # a word leaves the prefix on each number (12.3k/50.0k tokens), a symbol takes it (12.3 MB)
+    num, rate_num = (prefix, rate_prefix) if word else ("", "")
+    sym, rate_sym = ("", "") if word else (prefix, rate_prefix)
+    of = f"/{total / scale:,.1f}{num}" if total else ""
+    count = f"{done / scale:,.1f}{num}{of} {sym}{unit}"
+    speed = f"{rate / rate_scale:.2f}{rate_num} {rate_sym}{unit}/s"
     share = f" ({100 * done / total:.0f}%)" if total else ""
     print(f"\r{label}: {count}{share} at {speed}, {duration(time.time() - t0)}  ", end="", file=sys.stderr, flush=True)
 
@@ -218,6 +220,7 @@ BOS = 50256  # <|endoftext|>: GPT-2's only special token, used as beginning-of-s
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c / modded-nanogpt header
 FINEWEB_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/fineweb_{}_{:06d}.bin"
 FINEWEB_TRAIN_SHARDS = range(1, 104)
+OFFLINE = "offline, --weights and --data take local files"  # what a failed download adds
 TEXT_PIECE_CHARS = 1 << 22  # text is tokenized in pieces of about this many characters
 
 
@@ -294,9 +297,6 @@ def tokenizer():
                          f"itself; offline, set TIKTOKEN_CACHE_DIR (now {os.environ.get('TIKTOKEN_CACHE_DIR') or 'unset'}) "
                          f"to a folder holding tiktoken's copies of vocab.bpe and encoder.json, named "
                          f"6d1cbeee0f20b3d9449abfede4726ed8212e3aee and 6c7ea1a7e38e3a7f062df639a5b80947f075ffe6") from None
-
-
-OFFLINE = "offline, --weights and --data take local files"
 
 
 def fineweb_shard(split, i, cache_dir=None):

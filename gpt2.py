@@ -259,7 +259,7 @@ class ResidualSource:
         self.ranks, self.share, self.gather = ranks, share, gather
         self.forward, self.d = model.residuals, model.cfg.n_embd
         self.round_rows = batch * ranks * (stream.ctx - exclude_bos)
-        self.spare, self.round_start = None, stream.state_dict()  # the last round's unserved rows; its start
+        self.spare, self.round_start = torch.zeros(0, len(keep), self.d, device=device), stream.state_dict()
 
     @torch.no_grad()
     def round(self):
@@ -273,7 +273,7 @@ class ResidualSource:
 
     def next(self, n, progress=lambda rows: None):
         """[n, kept layers, d]; progress(rows ready) after each round. An interruption leaves the position."""
-        parts, start, position = [] if self.spare is None else [self.spare], self.round_start, self.stream.state_dict()
+        parts, start, position = [self.spare], self.round_start, self.stream.state_dict()
         try:
             while sum(map(len, parts)) < n:
                 start = self.stream.state_dict()
@@ -287,14 +287,14 @@ class ResidualSource:
         return rows[:n]
 
     def state_dict(self):  # where the last round began and how many of its rows are served, if not all
-        left = 0 if self.spare is None else len(self.spare)
+        left = len(self.spare)
         return ({"stream": self.round_start, "served": self.round_rows - left} if left else
                 {"stream": self.stream.state_dict(), "served": 0})
 
     def load_state_dict(self, state):
         state = state if "stream" in state else {"stream": state, "served": 0}  # a checkpoint from before rounds
         self.stream.load_state_dict(state["stream"])
-        self.spare, self.round_start = self.round()[state["served"]:] if state["served"] else None, state["stream"]
+        self.spare, self.round_start = self.round()[state["served"]:] if state["served"] else self.spare[:0], state["stream"]
 
 
 def write_activations(path, source, n, chunk, about):

@@ -440,11 +440,11 @@ class Log:
         if RANK != 0:
             return
         self.last_line = time.time()
-        for layer, r in mine:
-            r = {"step": step, "tokens": step * args.batch, "layer": layer, "tokens_per_s": round(tokens_per_s), **r}
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            for layer, r in mine:
+                r = {"step": step, "tokens": step * args.batch, "layer": layer, "tokens_per_s": round(tokens_per_s), **r}
                 f.write(json.dumps(r) + "\n")
-            print(f"step {step:>7,}/{self.total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
-                  f" | eta {data.duration(eta):>9} | layer {layer:<2} | "
-                  + " ".join(f"{k} {r[k]:.4g}" for k in ("mse", "l1", "ghost", "nested", "sparsity", "auxk") if k in r) +
-                  f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")
+                print(f"step {step:>7,}/{self.total:,} | {step * args.batch / 1e6:7.1f}M tok | {tokens_per_s / 1e3:6.1f}k tok/s"
+                      f" | eta {data.duration(eta):>9} | layer {layer:<2} | "
+                      + " ".join(f"{k} {r[k]:.4g}" for k in ("mse", "l1", "ghost", "nested", "sparsity", "auxk") if k in r) +
+                      f" | L0 {r['l0']:6.1f} | ev {r['explained_variance']:.3f} | dead {r['dead_pct']:5.1f}% | lr {r['lr']:.2e}")

@@ -289,7 +289,7 @@ def topk_loss(sae, x, arch, k, dead, k_aux, auxk_coef, shared=False, impl="torch
     # The normalised MSE, 1 - explained variance: the scale of the data does not matter.
     spread = batch_mean((x - batch_mean(x.mean(0))).pow(2).sum(1).mean())
     mse_loss = (x - x_hat).pow(2).sum(1).mean() / spread
-    nested = (x - x_hats[:-1]).pow(2).sum(2).mean(1).sum() / spread    # the smaller prefixes' (matryoshka)
+    nested = (x - x_hats[:-1]).pow(2).sum(2).mean(1).sum() / spread if prefixes else 0  # the smaller prefixes
     aux_loss = torch.zeros((), device=x.device)
     if n_aux:
         e = (x - x_hat).detach()                                       # [B, d]
@@ -408,8 +408,8 @@ def train_step(t, x, step, args, autocast, log, shared=False):
             dead = torch.nonzero(is_dead).squeeze(1) if args.ghost_grads else None
             loss, parts, fires, x_hat = sae_loss(t.sae, x, l1, dead, args.loss, args.kernels, batch_mean)
         else:
-            l0 = args.l0_coef * min(1.0, (step + 1) / args.l0_warmup) if args.l0_warmup else args.l0_coef
-            sparsity = (l0, args.target_l0, args.bandwidth, args.sparsity, args.preact_coef) if args.arch == "jumprelu" else None
+            sparsity = None if args.arch != "jumprelu" else (args.l0_coef * min(1.0, (step + 1) / max(1, args.l0_warmup)),
+                                                             args.target_l0, args.bandwidth, args.sparsity, args.preact_coef)
             loss, parts, fires, x_hat, smallest_kept = topk_loss(t.sae, x, args.arch, args.k, is_dead, args.k_aux,
                                                                  args.auxk_coef, shared, args.kernels, args.prefixes, sparsity)
     t.opt.zero_grad(set_to_none=True)
