@@ -55,12 +55,15 @@ p.add_argument("--sections", default="gpt2,step,train,precision,ranks",
 p.add_argument("--saelens_python", default=None, help="python of an environment with sae-lens, for the step comparison")
 p.add_argument("--realacts", default="~/.cache/realacts", help="folder of train.npy and eval.npy (../shared/realacts)")
 p.add_argument("--realacts_runs", default="runs/realacts", help="where the realacts section keeps the SAEs it trains")
-p.add_argument("--saelens_l1", default="", help="realacts: SAELens L1 coefficients to train, comma-separated")
-p.add_argument("--ours_l1", default="", help="realacts: our L1 coefficients to train, comma-separated")
-p.add_argument("--ours_k", default="", help="realacts: our k values to train (with --ours_flags '--arch topk', say)")
-p.add_argument("--ours_flags", default="", help="realacts: further train_sae.py flags for our runs")
-p.add_argument("--ours_tag", default="default", help="realacts: names our runs' family (ours-TAG-l1-X)")
-p.add_argument("--against", default="SAELens", help="realacts: families to compare every other family with, comma-separated")
+p.add_argument("--recipes", default="topk,batchtopk", help="realacts: which recipes, of relu, topk, batchtopk, matryoshka, jumprelu, jumprelu-tanh")
+p.add_argument("--families", default="ours,saelens",
+               help="realacts: whose trainers, of ours, saelens (our tuning) and saelens-defaults (its lr 3e-4, no warm-ups)")
+p.add_argument("--lrs", default="0.0004,0.001,0.002,0.004", help="realacts: the lr grid every family is tuned over")
+p.add_argument("--ours_values", default="16,32,64,128", help="realacts: our sparsity settings (k, target L0 or L1)")
+p.add_argument("--saelens_values", default="16,32,64,128",
+               help="realacts: SAELens's sparsity settings (k, l0_coefficient or l1_coefficient)")
+p.add_argument("--tune_at", default="32", help="realacts: the sparsity setting at which each family's best lr is chosen")
+p.add_argument("--jobs", type=int, default=1, help="realacts: training runs at once")
 p.add_argument("--threads", type=int, default=0, help="realacts: CPU threads per training run (0: torch's default)")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
 args = p.parse_args()
@@ -443,25 +446,39 @@ def cuda_ranks():
 
 
 # -----------------------------------------------------------------------------
-# Quality on real activations (../shared/realacts): the L0 / explained-variance frontier of
-# our ReLU recipe against SAELens's StandardTrainingSAE, on the same data and budget. Every
-# trained SAE lands in --realacts_runs and is reused by later calls, so a sweep can be run a
-# few points at a time.
+# Quality on real activations (../shared/realacts): for each recipe, our trainer and SAELens's
+# trainer of the same kind, each over the same lr grid, the same budget and the same warm-ups,
+# scored alike on eval.npy. Every trained SAE lands in --realacts_runs with its score and is
+# reused by later calls, so a sweep can be run a few points at a time.
+
+STEPS, BATCH, D_SAE, LR_WARMUP = 488, 4096, 6144, 200  # the benchmark's budget: four passes over train.npy
+TUNE = {"lr_warm_up_steps": LR_WARMUP, "dead_feature_window": STEPS // 10}  # what SAELens gets beside ours
+WIDTHS = [D_SAE >> i for i in range(5, -1, -1)]  # our default matryoshka prefixes
+# recipe: (our train_sae.py flags, SAELens's trainer, its settings beside TUNE, the sparsity setting
+# each takes). Our warm-ups (lr; L1 or λ; the dead window) are given to SAELens too.
+RECIPES = {
+    "relu": ("--loss saelens --l1_warmup 488", "Standard", {"l1_warm_up_steps": STEPS}, ("l1", "l1_coefficient")),
+    "topk": ("--arch topk", "TopK", {}, ("k", "k")),
+    "batchtopk": ("--arch batchtopk", "BatchTopK", {}, ("k", "k")),
+    "matryoshka": ("--arch matryoshka", "MatryoshkaBatchTopK", {"matryoshka_widths": WIDTHS}, ("k", "k")),
+    "jumprelu": ("--arch jumprelu", "JumpReLU", {"l0_warm_up_steps": STEPS // 10}, ("target_l0", "l0_coefficient")),
+    "jumprelu-tanh": ("--arch jumprelu --sparsity tanh --preact_coef 3e-6", "JumpReLU",
+                      {"l0_warm_up_steps": STEPS // 10, "jumprelu_sparsity_loss_mode": "tanh",
+                       "pre_act_loss_coefficient": 3e-6}, ("target_l0", "l0_coefficient")),
+}
 
 SAELENS_TRAIN = """
-import os, numpy as np, torch
-from safetensors.torch import save_file
-from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+import json, os, shutil, numpy as np, torch, sae_lens
 from sae_lens.config import SAETrainerConfig, LoggingConfig
-train, out, l1, d_sae, batch, steps, lr, warmup = {train!r}, {out!r}, {l1}, {d_sae}, {batch}, {steps}, {lr}, {warmup}
+train, out, trainer, settings, tune = {train!r}, {out!r}, {trainer!r}, {settings!r}, {tune!r}
+d_sae, batch, steps, lr = {d_sae}, {batch}, {steps}, {lr}
 torch.manual_seed(0)
 x = torch.from_numpy(np.load(train))                        # [N, d]
-sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, l1_coefficient=l1,
-                                                    dtype="float32", device="cpu"))
+sae = getattr(sae_lens, trainer + "TrainingSAE")(getattr(sae_lens, trainer + "TrainingSAEConfig")(
+    d_in=x.shape[1], d_sae=d_sae, dtype="float32", device="cpu", **settings))
 cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
-                       lr_warm_up_steps=warmup, device="cpu", logger=LoggingConfig(log_to_wandb=False),
-                       checkpoint_path=out + ".ckpt", save_final_checkpoint=False)
-trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter([]))
+                       device="cpu", logger=LoggingConfig(log_to_wandb=False), **tune)
+t = sae_lens.SAETrainer(cfg=cfg, sae=sae, data_provider=iter([]))
 
 def batches():  # shuffled passes over the file
     g = torch.Generator().manual_seed(0)
@@ -472,24 +489,16 @@ def batches():  # shuffled passes over the file
 
 # What SAETrainer.fit() does with normalize_activations "none" and no wandb, plus a progress line.
 for step, xb in zip(range(steps), batches()):
-    result = trainer.step(xb)
-    trainer.n_training_steps += 1
+    t.maybe_reset_sparsity()
+    result = t.step(xb)
+    t.n_training_steps += 1
     if (step + 1) % 50 == 0:
-        print(f"SAELens l1 {{l1}}: step {{step + 1}}, L0 {{(result.feature_acts > 0).sum(1).float().mean():.1f}}", flush=True)
-save_file({{k: getattr(sae, k).detach().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}}, out + ".tmp")
+        print(f"step {{step + 1}}, L0 {{(result.feature_acts > 0).sum(1).float().mean():.1f}}", flush=True)
+sae.cfg.metadata.hook_name, sae.cfg.metadata.model_name = "blocks.5.hook_resid_pre", "all-MiniLM-L6-v2"
+shutil.rmtree(out + ".tmp", ignore_errors=True)
+sae.save_inference_model(out + ".tmp")
 os.replace(out + ".tmp", out)
 """
-
-
-def load_realacts_sae(path, d):
-    """A SAELens run's weights file (a standard SAE), or one of our SAE folders (any --arch)."""
-    if os.path.isdir(path):
-        import eval as evaluation
-        return evaluation.load_sae(path, d)[0]
-    w = data.load_safetensors(path)
-    sae = train_sae.SAE(d, w["b_enc"].shape[0])
-    sae.load_state_dict(w)
-    return sae
 
 
 @torch.no_grad()
@@ -507,11 +516,15 @@ def realacts_score(sae, x):
 
 
 def interpolate_ev(points, l0):
-    """(EV, dead) at l0 on the frontier of points [(L0, EV, dead)], linear in log L0; None
-    outside it. The frontier keeps the points that no other beats on both L0 and EV (a λ so
-    large that features die can give a higher L0 than a smaller λ, at a lower EV)."""
+    """(EV, dead) at l0 on the frontier of points [(L0, EV, dead)], linear in log L0, or at a
+    point within 3% of l0; None outside it. The frontier keeps the points that no other beats on
+    both L0 and EV (a λ so large that features die can give a higher L0 than a smaller λ, at a
+    lower EV)."""
     import math
     pts = sorted(p for p in points if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points))
+    near = [p for p in pts if abs(p[0] / l0 - 1) <= 0.03]
+    if near:
+        return max(near, key=lambda p: p[1])[1:]
     for (a, ea, da), (b, eb, db) in zip(pts, pts[1:]):
         if a <= l0 <= b:
             t = (math.log(l0) - math.log(a)) / (math.log(b) - math.log(a))
@@ -519,63 +532,88 @@ def interpolate_ev(points, l0):
     return None
 
 
-def realacts():
+def realacts_run(family, recipe, lr, value, train, x):
+    """Trains one SAE of the benchmark if it is not there yet, and returns its (L0, EV, dead)
+    on x, kept in the run folder's score.json."""
+    import json
     import subprocess
+    ours_flags, trainer, settings, (our_knob, their_knob) = RECIPES[recipe]
+    run = os.path.join(args.realacts_runs, f"{family}-{recipe}-lr{lr}-{value}")
+    folder, score = os.path.join(run, "blocks.5.hook_resid_pre"), os.path.join(run, "score.json")
+    if os.path.isfile(score):
+        return data.read_json(score)["score"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    here = os.path.dirname(os.path.abspath(__file__))
+    if family == "ours":
+        again = ["--resume", run] if os.path.isfile(os.path.join(run, "checkpoint.json")) else [
+            "--force", "--activations", train, "--no-center", "--layer", "5", "--d_sae", str(D_SAE), "--batch",
+            str(BATCH), "--tokens", str(STEPS * BATCH), "--lr", lr, "--lr_warmup", str(LR_WARMUP), "--device", "cpu",
+            f"--{our_knob}", value, "--log_every", "50", "--out", run, *ours_flags.split()]
+        command, cwd = [sys.executable, os.path.join(here, "train_sae.py"), *again], here
+    else:  # SAELens with our tuning, or at its defaults (lr 3e-4, no warm-ups, a dead window of 1,000 steps)
+        tune = TUNE if family == "saelens" else {}
+        code = SAELENS_TRAIN.format(train=train, out=os.path.abspath(folder), trainer=trainer,
+                                    settings={**(settings if tune else {k: v for k, v in settings.items()
+                                                                        if "warm_up" not in k}),
+                                              their_knob: float(value) if their_knob != "k" else int(value)},
+                                    tune=tune, d_sae=D_SAE, batch=BATCH, steps=STEPS, lr=float(lr))
+        os.makedirs(run, exist_ok=True)
+        command, cwd = [args.saelens_python, "-c", code], run  # away from our kernels.py (see cpu_step)
+    t0 = time.time()
+    if family == "ours" or not os.path.isdir(folder):  # SAELens's folder appears whole (a rename), or not at all
+        print(f"training {run} ...", flush=True)
+        with open(run + ".log", "w") as log:
+            if subprocess.run(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+                sys.exit(f"error: training {run} failed: see {run}.log")
+    import eval as evaluation
+    result = realacts_score(evaluation.load_sae(folder, x.shape[1])[0], x)
+    data.write_atomically(score, json.dumps({"score": result, "minutes": (time.time() - t0) / 60}))
+    print(f"{run}: L0 {result[0]:.1f}, pooled EV {result[1]:.4f}, dead {result[2]:.2%} "
+          f"({(time.time() - t0) / 60:.1f} min)", flush=True)
+    return result
+
+
+def realacts():
+    from concurrent.futures import ThreadPoolExecutor
     import numpy as np
+    for recipe in args.recipes.split(","):
+        if recipe not in RECIPES:
+            sys.exit(f"error: --recipes {recipe!r}: expected a comma-separated list of {', '.join(RECIPES)}")
+    families = args.families.split(",")
+    for family in families:
+        if family not in ("ours", "saelens", "saelens-defaults"):
+            sys.exit(f"error: --families {family!r}: expected a comma-separated list of ours, saelens, saelens-defaults")
+    if any(f.startswith("saelens") for f in families) and not args.saelens_python:
+        sys.exit("error: the SAELens families need --saelens_python ENV/bin/python (a scratch environment with sae-lens)")
     acts = os.path.expanduser(args.realacts)
     train, evals = os.path.join(acts, "train.npy"), os.path.join(acts, "eval.npy")
     if not os.path.isfile(evals):
         sys.exit(f"error: {evals} not found: build it with bash ../shared/realacts/make_acts.sh")
-    runs = args.realacts_runs
-    os.makedirs(runs, exist_ok=True)
-    steps, batch, d_sae, warmup, lr = 488, 4096, 6144, 200, 4e-4  # SAELens's budget in the issue
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    here = os.path.dirname(os.path.abspath(__file__))
-    if args.saelens_python:
-        for l1 in filter(None, args.saelens_l1.split(",")):
-            out = os.path.join(runs, f"saelens-l1-{l1}.safetensors")
-            if not os.path.exists(out):
-                code = SAELENS_TRAIN.format(train=train, out=os.path.abspath(out), l1=float(l1), d_sae=d_sae,
-                                            batch=batch, steps=steps, lr=lr, warmup=warmup)
-                with tempfile.TemporaryDirectory() as elsewhere:  # away from our kernels.py (see cpu_step)
-                    subprocess.run([args.saelens_python, "-c", code], check=True, cwd=elsewhere, env=env)
-    ours = [("l1", v) for v in filter(None, args.ours_l1.split(","))] + [("k", v) for v in filter(None, args.ours_k.split(","))]
-    for flag, value in ours:
-        name = f"ours-{args.ours_tag}-{flag}-{value}"
-        if not os.path.exists(os.path.join(runs, name)):
-            flags = ["--activations", train, "--no-center", "--layer", "5", "--d_sae", str(d_sae), "--batch", str(batch),
-                     "--tokens", str(steps * batch), "--lr", str(lr), "--lr_warmup", str(warmup), "--device", "cpu",
-                     f"--{flag}", value, "--log_every", "50", "--out", os.path.join(runs, name), *args.ours_flags.split()]
-            subprocess.run([sys.executable, "train_sae.py", *flags], check=True, cwd=here, env=env)
+    os.makedirs(args.realacts_runs, exist_ok=True)
     x = torch.from_numpy(np.load(evals))
-    families = {}
-    for name in sorted(os.listdir(runs)):
-        path = os.path.join(runs, name)
-        if name.endswith(".safetensors"):                                   # SAELens
-            family, l1 = "SAELens", name[len("saelens-l1-"):-len(".safetensors")]
-        elif os.path.isfile(os.path.join(path, "blocks.5.hook_resid_pre", "sae_weights.safetensors")):
-            family, l1 = name.rsplit("-l1-" if "-l1-" in name else "-k-", 1)  # l1 or k
-            path = os.path.join(path, "blocks.5.hook_resid_pre")
-        else:
-            continue
-        families.setdefault(family, []).append((float(l1), *realacts_score(load_realacts_sae(path, x.shape[1]), x)))
-    for family, points in families.items():
-        table(f"{family} on {acts}: {steps} steps of {batch}, d_sae {d_sae}, scored on eval.npy ({len(x):,} tokens)",
-              ["l1 or k", "L0", "pooled EV", "dead"],
-              [[f"{l1:g}", f"{l0:.1f}", f"{ev:.4f}", f"{dead:.2%}"] for l1, l0, ev, dead in sorted(points)])
-    for against in args.against.split(","):
-        base = [p[1:] for p in families.get(against, [])]
-        for family, points in families.items():
-            if family == against or not base:
-                continue
-            rows = []
-            for l0 in (15, 20, 30, 40, 60, 80, 100, 140):
-                ours, theirs = interpolate_ev([p[1:] for p in points], l0), interpolate_ev(base, l0)
-                if ours and theirs:
-                    rows.append([l0, f"{ours[0]:.4f}", f"{theirs[0]:.4f}", f"{ours[0] - theirs[0]:+.4f}",
-                                 f"{ours[1]:.2%}", f"{theirs[1]:.2%}"])
-            table(f"{family} against {against} at equal L0 (each frontier linear in log L0)",
-                  ["L0", "EV", f"{against} EV", "gain", "dead", f"{against} dead"], rows)
+    jobs = [(family, recipe, lr, value) for recipe in args.recipes.split(",") for family in families
+            for lr in (["0.0003"] if family == "saelens-defaults" else args.lrs.split(","))
+            for value in getattr(args, family.split("-")[0] + "_values").split(",")]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        scores = dict(zip(jobs, pool.map(lambda job: realacts_run(*job, train, x), jobs)))
+    summary = {}
+    for recipe in args.recipes.split(","):
+        rows = []
+        for family in families:
+            done = {job[2:]: s for job, s in scores.items() if job[:2] == (family, recipe)}
+            # The best lr is the one with the highest pooled EV at the --tune_at setting (k 32, say).
+            at = {lr: s[1] for (lr, value), s in done.items() if value == args.tune_at}
+            best = max(at, key=at.get, default=None)
+            frontier = [s for (lr, value), s in done.items() if lr == best]
+            summary[family, recipe] = [interpolate_ev(frontier, l0) for l0 in (16, 32, 64, 128)]
+            rows += [[family, lr + (" (best)" if lr == best and len(at) > 1 else ""), value, f"{l0:.1f}", f"{ev:.4f}",
+                      f"{dead:.2%}"] for (lr, value), (l0, ev, dead) in sorted(done.items(), key=lambda d: d[1][0])]
+        table(f"{recipe} on {acts}: {STEPS} steps of {BATCH}, d_sae {D_SAE}, scored on eval.npy ({len(x):,} tokens)",
+              ["family", "lr", "sparsity", "L0", "pooled EV", "dead"], rows)
+    table("Best pooled EV (dead) at equal L0, at each family's best lr (each frontier linear in log L0)",
+          ["recipe", "family", *[f"L0 {l0}" for l0 in (16, 32, 64, 128)]],
+          [[recipe, family, *[f"{p[0]:.4f} ({p[1]:.2%})" if p else "-" for p in points]]
+           for (family, recipe), points in summary.items()])
 
 
 sections = args.sections.split(",")

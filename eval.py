@@ -101,6 +101,7 @@ def load_sae(folder, d_model=None, gpt2_only=False):
     """(SAE, its layer, whether it reads centred residuals) from a SAELens-format folder. With
     d_model, the SAE must read residuals of that width; with gpt2_only, GPT-2's residuals."""
     cfg = data.read_json(os.path.join(folder, "cfg.json"))
+    cfg = {**(cfg.get("metadata") or {}), **cfg}  # SAELens 6 keeps hook_name and model_name in metadata
     model_name = cfg.get("model_name", "gpt2")
     if gpt2_only and model_name not in ("gpt2", "gpt2-small"):  # ours say gpt2, Bloom's gpt2-small
         raise ValueError(f"{folder}: an SAE of {model_name!r} activations (cfg.json model_name), expected gpt2: "
@@ -144,6 +145,9 @@ def load_sae(folder, d_model=None, gpt2_only=False):
     w = {name: w[name].float() for name in keys}
     if not cfg.get("apply_b_dec_to_input", True):  # x W_enc + b_enc == (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm"):  # SAELens's TopK: pre × ‖W_dec row‖, decoded by unit rows; folded
+        norm = w["W_dec"].norm(dim=1)                                                 # [m]
+        w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"] * norm, w["b_enc"] * norm, w["W_dec"] / norm[:, None]
     sae.load_state_dict(w)
     sae.prefixes = widths[:-1]  # the whole SAE's metrics are the main ones
     center = bool((cfg.get("model_from_pretrained_kwargs") or {}).get("center_writing_weights", False))

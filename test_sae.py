@@ -581,6 +581,32 @@ def known_dictionary_run(tmp_path, *flags, steps):
     return atoms, folder, sae, torch.from_numpy(x[100_000:])
 
 
+def test_eval_reads_a_saelens6_topk_folder_with_free_decoder_norms(tmp_path):
+    """SAELens 6's TopK trainer saves hook_name under metadata and rows of any norm, with
+    rescale_acts_by_decoder_norm: its top k are taken of pre × ‖W_dec row‖, decoded by unit rows.
+    load_sae's folded SAE gives that forward, written out in float64."""
+    w = random_sae_weights(16, 40, seed=3)
+    w["W_dec"] = w["W_dec"] * (0.05 + torch.rand(40, 1, generator=torch.Generator().manual_seed(4)))
+    folder = write_sae_folder(tmp_path / "sl6", w, 2, center=False, arch="topk")
+    cfg = json.load(open(folder / "cfg.json"))
+    cfg = {"architecture": "topk", "d_in": 16, "d_sae": 40, "k": TOPK, "apply_b_dec_to_input": True, "dtype": "float32",
+           "normalize_activations": "none", "rescale_acts_by_decoder_norm": True, "device": "cpu",
+           "metadata": {"hook_name": cfg["hook_name"], "model_name": "gpt2"}}
+    json.dump(cfg, open(folder / "cfg.json", "w"))
+    sae, layer, _ = evaluation.load_sae(str(folder), 16)
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(5))
+    w64 = {k: v.double() for k, v in w.items()}
+    norm = w64["W_dec"].norm(dim=1)                                                   # [m]
+    pre = ((x.double() - w64["b_dec"]) @ w64["W_enc"] + w64["b_enc"]) * norm
+    top = pre.topk(TOPK, dim=1)
+    f_ref = torch.zeros_like(pre).scatter_(1, top.indices, torch.relu(top.values))
+    x_hat_ref = f_ref @ (w64["W_dec"] / norm[:, None]) + w64["b_dec"]
+    with torch.no_grad():
+        _, f, x_hat = sae(x)
+    assert layer == 2 and torch.allclose(f.double(), f_ref, atol=1e-5) and (f > 0).sum() == 30 * TOPK
+    assert torch.allclose(x_hat.double(), x_hat_ref, atol=1e-5)
+
+
 def test_topk_learns_a_known_dictionary(tmp_path):
     atoms, folder, sae, held_out = known_dictionary_run(tmp_path, "--arch", "topk", "--k", "3", steps=800)
     assert recovered(atoms, folder) >= 0.9
@@ -2276,6 +2302,10 @@ BAD_INPUT = [
     (["eval.py", "{tmp}", "--features", "abc"], "error: --features 'abc': expected comma-separated feature numbers"),
     (["bench.py", "--sections", "gpt2,nonsense"],
      "error: --sections 'nonsense': expected a comma-separated list of gpt2, step, train, precision, ranks, realacts"),
+    (["bench.py", "--sections", "realacts", "--recipes", "topk,gated"],
+     "error: --recipes 'gated': expected a comma-separated list of relu, topk, batchtopk, matryoshka, jumprelu, jumprelu-tanh"),
+    (["bench.py", "--sections", "realacts", "--families", "ours,sparsify"],
+     "error: --families 'sparsify': expected a comma-separated list of ours, saelens, saelens-defaults"),
 ]
 
 
