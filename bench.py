@@ -62,7 +62,8 @@ p.add_argument("--lrs", default="0.0004,0.001,0.002,0.004", help="realacts: the 
 p.add_argument("--ours_values", default="16,32,64,128", help="realacts: our sparsity settings (k, target L0 or L1)")
 p.add_argument("--saelens_values", default="16,32,64,128",
                help="realacts: SAELens's sparsity settings (k, l0_coefficient or l1_coefficient)")
-p.add_argument("--tune_at", default="32", help="realacts: the sparsity setting at which each family's best lr is chosen")
+p.add_argument("--tune_at", default="32", help="realacts: the sparsity setting at which each family's best lr is "
+               "chosen; OURS,SAELENS when they differ (a target L0 and a coefficient)")
 p.add_argument("--jobs", type=int, default=1, help="realacts: training runs at once")
 p.add_argument("--threads", type=int, default=0, help="realacts: CPU threads per training run (0: torch's default)")
 p.add_argument("--step_reps", type=int, default=5, help="timed repetitions of a CPU training step")
@@ -595,14 +596,19 @@ def realacts():
             for lr in (["0.0003"] if family == "saelens-defaults" else args.lrs.split(","))
             for value in getattr(args, family.split("-")[0] + "_values").split(",")]
     with ThreadPoolExecutor(args.jobs) as pool:
-        scores = dict(zip(jobs, pool.map(lambda job: realacts_run(*job, train, x), jobs)))
+        list(pool.map(lambda job: realacts_run(*job, train, x), jobs))
     summary = {}
     for recipe in args.recipes.split(","):
         rows = []
-        for family in families:
-            done = {job[2:]: s for job, s in scores.items() if job[:2] == (family, recipe)}
+        for family in families:  # every scored run of the family's, those of earlier calls too
+            name, folder = f"{family}-{recipe}-lr", args.realacts_runs
+            scored = [run for run in sorted(os.listdir(folder))
+                      if run.startswith(name) and os.path.isfile(os.path.join(folder, run, "score.json"))]
+            done = {tuple(run[len(name):].split("-")): data.read_json(os.path.join(folder, run, "score.json"))["score"]
+                    for run in scored}  # (lr, sparsity setting): (L0, EV, dead)
             # The best lr is the one with the highest pooled EV at the --tune_at setting (k 32, say).
-            at = {lr: s[1] for (lr, value), s in done.items() if value == args.tune_at}
+            tune_at = args.tune_at.split(",")[0 if family == "ours" else -1]
+            at = {lr: s[1] for (lr, value), s in done.items() if value == tune_at}
             best = max(at, key=at.get, default=None)
             frontier = [s for (lr, value), s in done.items() if lr == best]
             summary[family, recipe] = [interpolate_ev(frontier, l0) for l0 in (16, 32, 64, 128)]
