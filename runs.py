@@ -273,10 +273,10 @@ def load_checkpoint(run, trainees, gen, source, args):
         raise ValueError(f"{e}; the run cannot resume from it: start again with --force") from None
     for t in trainees:
         t.sae.load_state_dict({name: tensors[f"{t.layer}.{name}"] for name in t.sae.state_dict()})
-        state = t.opt.state_dict()  # refill its per-parameter state; the param groups stay
-        state["state"] = {i: {k: tensors[f"{t.layer}.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
-                          for i, (name, _) in enumerate(t.sae.named_parameters())
-                          if f"{t.layer}.adam.{name}.step" in tensors}
+        state = t.opt.state_dict()  # refill its per-parameter state, numbered in the order of its param groups
+        at = {id(p): i for i, p in enumerate(p for group in t.opt.param_groups for p in group["params"])}
+        state["state"] = {at[id(p)]: {k: tensors[f"{t.layer}.adam.{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+                          for name, p in t.sae.named_parameters() if f"{t.layer}.adam.{name}.step" in tensors}
         t.opt.load_state_dict(state)
         for k in ("since_fired", "fires", "density", "scale"):
             setattr(t, k, tensors[f"{t.layer}.{k}"].to(args.device))

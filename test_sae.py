@@ -607,6 +607,26 @@ def test_eval_reads_a_saelens6_topk_folder_with_free_decoder_norms(tmp_path):
     assert torch.allclose(x_hat.double(), x_hat_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_adam_moves_each_parameter_by_its_share_of_the_lr(arch):
+    """Adam's first step moves every element by lr · g / (|g| + eps), so by its group's lr: sparse
+    SAEs' decoder rows by 4 lr, JumpReLU's log θ by 10 lr, everything else by lr."""
+    sae = train_sae.SAE(8, 16, arch=arch, k=None if arch == "relu" else 2)
+    if arch == "jumprelu":
+        sae.log_threshold = torch.nn.Parameter(torch.zeros(16))
+    opt = train_sae.adam(sae, 1e-3)
+    for group in opt.param_groups:  # as train_step sets them
+        group["lr"] = 1e-3 * group.get("lr_scale", 1)
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    for p in sae.parameters():
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) + 0.5
+    opt.step()
+    expected = {"W_dec": 1 if arch == "relu" else 4, "log_threshold": 10}
+    for name, p in sae.named_parameters():
+        moved = (p.detach() - before[name]).abs()
+        assert torch.allclose(moved, torch.full_like(moved, 1e-3 * expected.get(name, 1)), rtol=1e-3), name
+
+
 def test_topk_learns_a_known_dictionary(tmp_path):
     atoms, folder, sae, held_out = known_dictionary_run(tmp_path, "--arch", "topk", "--k", "3", steps=800)
     assert recovered(atoms, folder) >= 0.9
